@@ -1,0 +1,155 @@
+"""The CoCoIns training objective (paper section 3.3, eq. 7-9).
+
+Each training image gives a triplet of x̂₀ estimates (model/ddim.py `x0_from_eps`) that differ
+only in prompt, pseudo-word and noise (train.py builds them, eq. 5-6):
+
+    x̂*   anchor:   caption P1 + pseudo-word of z1, noise ε1
+    x̂+   positive: caption P2 + pseudo-word of z1, noise ε2
+    x̂-   negative: caption P1 + pseudo-word of z2, noise ε1
+    x̂1   P1 without pseudo-word, noise ε1;   x̂2   P2 without pseudo-word, noise ε2
+
+all latents (B, C, h, w), and the subject mask m (B, 1, h, w) in [0, 1] at latent resolution.
+
+    d_m(x, y) = d(m·x, m·y)                                    masked distance
+    L_con  = d_m(x̂*, x̂+) + λ_neg / d_m(x̂*, x̂-)                 (eq. 7)
+    λ_neg  = γ·(k/K)^β                                         k of K training steps
+    L_back = d_m̃(x̂*, x̂1) + d_m̃(x̂+, x̂2) + d_m̃(x̂-, x̂1),  m̃ = 1 − m   (eq. 8)
+    L      = λ_con·L_con + λ_back·L_back                        (eq. 9)
+
+The anchor is pulled towards the positive (same code, other caption and noise: the same person)
+and pushed from the negative (other code, same caption and noise: another person), inside the
+subject only; outside it, all three must keep the background the plain prompt would give.
+
+Reduction: each distance is a mean over one sample's C·h·w elements (the mask zeroes, it does not
+re-normalise: d(m·x, m·y) literally); each term is computed per sample (the reciprocal too) and
+then averaged over the batch, so one easy negative cannot hide a collapsed one.
+
+Read next: train.py.
+"""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from model.checkpoint import UserError
+
+
+@dataclass
+class LossConfig:
+    # Distance d: "l2" (mean squared error) or "l1" (mean absolute error). l2 by default: it is the
+    # geometry SDXL was trained in (an MSE on ε, so x̂₀ errors are Gaussian-like), and it is smooth
+    # at zero, where the positive term drives d_m(x̂*, x̂+).
+    distance: str = "l2"
+    # γ, the final weight of the negative term. With l2, distances between x̂₀ of two different
+    # faces are of order 10⁻²; at γ = 10⁻³ the push of λ/d (its gradient λ/d²) matches the pull of
+    # the positive term at d ≈ 0.03, so neither term swamps the other at the end of training.
+    gamma: float = 1e-3
+    # β, the shape of the ramp λ_neg = γ·(k/K)^β. The paper gives none; 1 (linear) is the plainest
+    # increasing schedule: no negative push at the start, when f's words are still random, the
+    # full γ at the end.
+    beta: float = 1.0
+    # λ_con and λ_back: equal weights, the neutral choice; the paper's Table 4 shows both terms matter.
+    lambda_con: float = 1.0
+    lambda_back: float = 1.0
+    # ε in λ_neg / (d + ε): guards the reciprocal against d = 0 (anchor and negative identical).
+    # 10⁻⁴ is far below the 10⁻² of real distances, so it changes nothing there, and caps the term
+    # at λ_neg/ε instead of infinity.
+    eps: float = 1e-4
+
+
+# -- distances -----------------------------------------------------------------------------------
+
+
+def _l2(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).pow(2).flatten(1).mean(dim=1)
+
+
+def _l1(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).abs().flatten(1).mean(dim=1)
+
+
+DISTANCES = {"l2": _l2, "l1": _l1}
+
+
+def distance(x: Tensor, y: Tensor, name: str = "l2") -> Tensor:
+    """d(x, y) per sample (B,), a mean over all other dimensions, computed in float32."""
+    if name not in DISTANCES:
+        raise UserError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+    # The x̂₀ estimates may come out of a bfloat16 UNet; the reciprocal of a small bf16 distance
+    # would be coarse, so distances are always float32.
+    return DISTANCES[name](x.float(), y.float())
+
+
+def masked_distance(x: Tensor, y: Tensor, m: Tensor, name: str = "l2") -> Tensor:
+    """d_m(x, y) = d(m·x, m·y) per sample (B,); m (B, 1, h, w) is broadcast over channels."""
+    m = m.float()
+    return distance(m * x.float(), m * y.float(), name)
+
+
+# -- the contrastive term L_con ------------------------------------------------------------------
+
+
+def lambda_neg(k: int, K: int, gamma: float, beta: float) -> float:
+    """λ_neg = γ·(k/K)^β, the weight of the negative term at step k of K (k past K stays at γ)."""
+    if K <= 0:
+        raise ValueError(f"the total number of steps K must be positive, got {K}")
+    return gamma * (min(max(k, 0), K) / K) ** beta
+
+
+def _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps):
+    """(mean d_m(x̂*, x̂+), mean 1/(d_m(x̂*, x̂-) + ε), mean d_m(x̂*, x̂-)) over the batch."""
+    d_pos = masked_distance(x_anchor, x_pos, m, dist)
+    d_neg = masked_distance(x_anchor, x_neg, m, dist)
+    # PITFALL: the reciprocal, not a subtraction (paper Table 3): −d_neg is unbounded below and
+    # rewards pushing one pair ever further apart; 1/d_neg rewards every pair leaving zero.
+    return d_pos.mean(), (1.0 / (d_neg + eps)).mean(), d_neg.mean()
+
+
+def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg: float, dist: str = "l2", eps: float = 1e-4) -> Tensor:
+    """L_con = d_m(x̂*, x̂+) + λ_neg / (d_m(x̂*, x̂-) + ε)   (eq. 7), averaged over the batch."""
+    l_pos, l_neg, _ = _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps)
+    return l_pos + lambda_neg * l_neg
+
+
+# -- the background term L_back ------------------------------------------------------------------
+
+
+def background_loss(x_anchor, x_pos, x_neg, x1, x2, m_bg, dist: str = "l2") -> Tensor:
+    """L_back = d_m̃(x̂*, x̂1) + d_m̃(x̂+, x̂2) + d_m̃(x̂-, x̂1)   (eq. 8), averaged over the batch.
+
+    x̂1 and x̂2 are the predictions without pseudo-words for the same noisy latents (the anchor's
+    and negative's ε1, the positive's ε2); m_bg = m̃ = 1 − m."""
+    # Each sample with a pseudo-word is compared with the plain prompt that shares its noise.
+    d = (masked_distance(x_anchor, x1, m_bg, dist)
+         + masked_distance(x_pos, x2, m_bg, dist)
+         + masked_distance(x_neg, x1, m_bg, dist))
+    return d.mean()
+
+
+# -- the whole objective -------------------------------------------------------------------------
+
+
+@dataclass
+class LossTerms:
+    """L and its parts for one step; tensors are 0-d (only `total` needs to be backpropagated)."""
+
+    total: Tensor  # L = λ_con·L_con + λ_back·L_back
+    l_con: Tensor  # L_con = l_pos + λ_neg·l_neg
+    l_pos: Tensor  # mean d_m(x̂*, x̂+): falls as a code keeps its person across captions and noise
+    l_neg: Tensor  # mean 1/(d_m(x̂*, x̂-) + ε), unweighted
+    d_neg: Tensor  # mean d_m(x̂*, x̂-): rises as different codes give different people
+    l_back: Tensor  # L_back
+    lambda_neg: float  # λ_neg at this step
+
+
+def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int, config: LossConfig = LossConfig()) -> LossTerms:
+    """L (eq. 9) for one batch of x̂₀ estimates at training step `step` of `total_steps`."""
+    lam = lambda_neg(step, total_steps, config.gamma, config.beta)
+    l_pos, l_neg, d_neg = _contrastive_terms(x_anchor, x_pos, x_neg, m, config.distance, config.eps)
+    # L_con = d_m(x̂*, x̂+) + λ_neg / d_m(x̂*, x̂-)
+    l_con = l_pos + lam * l_neg
+    # m̃ = 1 − m: the background is everything the subject mask does not cover.
+    l_back = background_loss(x_anchor, x_pos, x_neg, x1, x2, 1.0 - m.float(), config.distance)
+    # L = λ_con·L_con + λ_back·L_back
+    total = config.lambda_con * l_con + config.lambda_back * l_back
+    return LossTerms(total=total, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg, l_back=l_back, lambda_neg=lam)

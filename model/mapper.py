@@ -1,0 +1,266 @@
+"""CoCoIns: integer codes, the mapping network f, and pseudo-word insertion (paper section 3.2).
+
+A user picks an integer code (`--code 42`). The code seeds a generator that draws a latent
+`z ∈ R^c`, `z ~ N(0, I)` (eq. 3). The mapping network `f`, a small MLP, turns `z` into a
+*pseudo-word* `w = f(z)`: one vector per SDXL text encoder (CLIP-L tokens are 768 wide, bigG
+tokens 1280). The pseudo-word goes into the prompt's token embeddings, directly before the
+concept word, as if the prompt had said "a [w] woman reading" (eq. 4). The same code gives the
+same `w`, so the same person, in any prompt.
+
+Symbols (the paper's):
+    z        latent code (B, c)
+    w        pseudo-word (B, D), one per text encoder
+    e        token embeddings of a prompt, after the dictionary lookup and before positional
+             embeddings and the transformer (B, L=77, D)
+    i        index of the concept token in e (the pseudo-word is inserted there)
+    ê        e with w inserted (eq. 4)
+
+Contents, in the order a prompt meets them: `code_to_z`, the `Mapper` (`f`), `find_concept`,
+`insert` / `insert_many` / `insert_subjects`, then saving and loading trained mappers.
+
+Read next: losses.py (how f is trained), then train.py.
+"""
+
+import json
+import operator
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from model.checkpoint import CheckpointError, UserError, load_strict, read_metadata, read_shapes, stream_tensors
+
+
+@dataclass
+class MapperConfig:
+    # c, the width of z. 512, as in StyleGAN's mapping network (the paper's model for f): two codes
+    # drawn in 512 dimensions are nearly orthogonal (|cos| ~ 0.04), so every code is a distinct input.
+    z_dim: int = 512
+    # n, the Linear layers from z to a pseudo-word: n-1 shared hidden layers, then one output layer per
+    # encoder. 4 rather than StyleGAN's 8: f only has to produce one token per encoder, not the styles
+    # of a whole generator, and a shallow MLP trains quickly through the frozen SDXL.
+    depth: int = 4
+    # Width of the hidden layers. 1024 lies between c and the widest token (1280), so no layer is a
+    # bottleneck; f then has about 4.7 M parameters, nothing next to SDXL's 3.5 B.
+    hidden: int = 1024
+    # Pseudo-word widths, one per text encoder, in the order the encoders are used. Read them from the
+    # loaded encoders' token tables (SDXL: CLIP-L 768, bigG 1280); the defaults are SDXL's.
+    token_widths: tuple[int, ...] = (768, 1280)
+    # Hidden nonlinearity: "leaky_relu" (slope 0.2) as in StyleGAN's mapping network, or "gelu".
+    activation: str = "leaky_relu"
+
+
+ACTIVATIONS = {
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
+    "gelu": F.gelu,
+}
+
+
+# -- codes ---------------------------------------------------------------------------------------
+
+
+def code_to_z(code: int, c: int) -> Tensor:
+    """The latent z (c,) of an integer code: the same float32 numbers on every machine and device."""
+    try:
+        # Any integer type (Python, NumPy) is a code; True, 1.5 or "42" are not.
+        code = None if isinstance(code, bool) else operator.index(code)
+    except TypeError:
+        code = None
+    if code is None or not 0 <= code < 2**63:
+        raise UserError("a code must be a whole number from 0 to 2**63 - 1, e.g. --code 42")
+    generator = torch.Generator(device="cpu").manual_seed(code)
+    # z ~ N(0, I), seeded by the code (eq. 3).
+    # PITFALL: float32 randn of 16+ numbers takes a vectorised AVX2 path on x86 CPUs and a scalar
+    # path elsewhere (ARM, Apple), which differ in the last bit. Draw in float64 (one scalar path
+    # everywhere) and round to float32, so a code means the same person on every machine.
+    return torch.randn(c, generator=generator, dtype=torch.float64).to(torch.float32)
+
+
+# -- the mapping network f -----------------------------------------------------------------------
+
+
+def embedding_stats(table: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation (D,) of a token-embedding table (V, D)."""
+    table = table.detach().float()
+    return table.mean(dim=0), table.std(dim=0)
+
+
+class PseudoWordHead(nn.Module):
+    """Last layer of f for one text encoder: hidden features -> a pseudo-word shaped like a real token.
+
+    `token_mean` and `token_std` are that encoder's token-table statistics, kept as buffers so a
+    saved mapper carries them (they never train)."""
+
+    def __init__(self, hidden: int, token_mean: Tensor, token_std: Tensor):
+        super().__init__()
+        self.proj = nn.Linear(hidden, token_mean.numel())
+        self.register_buffer("token_mean", token_mean.detach().clone().float())
+        self.register_buffer("token_std", token_std.detach().clone().float())
+
+    def forward(self, h: Tensor) -> Tensor:
+        # w = μ + σ ⊙ LayerNorm(W·h + b)   (μ, σ: per-dimension mean and std of the token table)
+        # The normalisation pins (w − μ)/σ to unit mean square, so an untrained or early f gives a
+        # vector with the spread of real tokens: it never blows up the prompt, and every code
+        # still gives a different word (the paper notes f otherwise tends to ignore its input).
+        u = F.layer_norm(self.proj(h).float(), (self.token_mean.numel(),))
+        return self.token_mean + self.token_std * u
+
+
+class Mapper(nn.Module):
+    """f: z (B, c) -> one pseudo-word (B, D_k) per text encoder (eq. 3)."""
+
+    def __init__(self, config: MapperConfig, token_stats: Sequence[tuple[Tensor, Tensor]]):
+        """`token_stats`: (mean, std) of each encoder's token table, from `embedding_stats`."""
+        super().__init__()
+        if config.depth < 1 or config.activation not in ACTIVATIONS:
+            raise ValueError(f"mapper depth must be >= 1 and activation one of {sorted(ACTIVATIONS)}, got {config}")
+        widths = tuple(mean.numel() for mean, _ in token_stats)
+        if widths != tuple(config.token_widths):
+            raise ValueError(f"token statistics of widths {widths} do not match the config's {tuple(config.token_widths)}")
+        self.config = config
+        self.act = ACTIVATIONS[config.activation]
+        ins = [config.z_dim] + [config.hidden] * (config.depth - 1)
+        self.layers = nn.ModuleList(nn.Linear(n_in, config.hidden) for n_in in ins[:-1])
+        self.heads = nn.ModuleList(PseudoWordHead(ins[-1], mean, std) for mean, std in token_stats)
+        for layer in [*self.layers, *(head.proj for head in self.heads)]:
+            # He init for the leaky ReLU keeps the activations O(1) through the depth (PyTorch's
+            # default shrinks them about 3x per layer); biases start at zero.
+            nn.init.kaiming_normal_(layer.weight, a=0.2, nonlinearity="leaky_relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, ...]:
+        h = z
+        for layer in self.layers:
+            h = self.act(layer(h))
+        return tuple(head(h) for head in self.heads)
+
+
+# -- where the pseudo-word goes ------------------------------------------------------------------
+
+
+def find_concept(token_ids: Sequence[int], concept_ids: Sequence[int], *, word: str, prompt: str) -> int:
+    """Index of the concept word's first token at its first occurrence in a tokenized prompt.
+
+    `token_ids` is the prompt as the tokenizer gives it (BOS first, then EOS and padding);
+    `concept_ids` the word alone (`Tokenizer.encode(word)`, no BOS/EOS). A word of several BPE
+    tokens is found as a whole and the index of its first token is returned, so the pseudo-word
+    goes before the whole word. `word` and `prompt` only name the problem in the error.
+    (Matching is on ids: a word that is also the last BPE piece of a longer word, like "boarder"
+    in "snowboarder", would match inside it; such prompts are rare enough to accept.)"""
+    ids = [int(t) for t in token_ids]
+    concept_ids = [int(t) for t in concept_ids]
+    if not concept_ids:
+        raise UserError(f"the concept word {word!r} has no tokens; name a word of the prompt, e.g. --concept woman")
+    n = len(concept_ids)
+    # Position 0 is BOS, never a word.
+    for p in range(1, len(ids) - n + 1):
+        if ids[p:p + n] == concept_ids:
+            return p
+    raise UserError(
+        f"the concept word {word!r} does not appear in the prompt {prompt!r} (within its first 75 tokens); "
+        f"add it to the prompt or pass --concept with a word the prompt contains"
+    )
+
+
+def insert(e: Tensor, w: Tensor, i: Tensor, eos_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """ê = insert(e, w, i) (eq. 4): w goes to position i, later tokens shift right by one.
+
+    e (B, L, D) token embeddings; w (B, D); i (B,) insertion index (the concept token's, so
+    1 <= i < eos_pos); eos_pos (B,) index of each prompt's EOS. Returns (ê (B, L, D), eos_hat (B,)).
+    The sequence stays L long: the last padding token falls off the end. A prompt that already
+    fills all 77 positions loses its last word instead (its concept too, if that was the last
+    word), never the EOS. Differentiable in w and e."""
+    B, L, D = e.shape
+    if ((i < 1) | (i >= eos_pos)).any():
+        raise ValueError(f"insert positions {i.tolist()} must lie after BOS and before the EOS at {eos_pos.tolist()}")
+    # PITFALL: the EOS must survive, and moves with the shift: bigG's pooled output is read at
+    # eos_hat, so a full prompt gives up its last word, not its EOS.
+    eos_hat = (eos_pos + 1).clamp(max=L - 1)
+    p = torch.arange(L, device=e.device)[None, :]  # (1, L) output positions
+    i, eos_pos, eos_hat = i[:, None], eos_pos[:, None], eos_hat[:, None]
+    # ê[p] = e[p] for p < i,  w for p = i,  e[p-1] for p > i,  and the EOS e[eos_pos] at eos_hat
+    source = torch.where(p < i, p, p - 1)
+    source = torch.where(p == eos_hat, eos_pos, source)
+    shifted = e.gather(1, source[..., None].expand(B, L, D))
+    e_hat = torch.where((p == i)[..., None], w.to(e.dtype)[:, None, :], shifted)
+    return e_hat, eos_hat[:, 0]
+
+
+def insert_many(e: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], eos_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Insert several pseudo-words, each (w (B, D), i (B,)) with i its concept's index in the *original* e.
+
+    Every pseudo-word ends up directly before its own concept token: after each insertion, the
+    concepts at or after it have moved one to the right. Two pseudo-words for the same concept
+    come out in the order given, both before it."""
+    pending = [i for _, i in pairs]
+    for k, (w, _) in enumerate(pairs):
+        i = pending[k]
+        e, eos_pos = insert(e, w, i, eos_pos)
+        pending[k + 1:] = [j + (j >= i).long() for j in pending[k + 1:]]
+    return e, eos_pos
+
+
+def insert_subjects(e: Tensor, eos_pos: Tensor, ids: Tensor, tokenizer, subjects, prompts: Sequence[str]):
+    """Insert pseudo-words before named concept words in a batch of tokenized prompts.
+
+    e (B, L, D) and eos_pos (B,) from one encoder; ids (B, L) the prompts' token ids from that
+    encoder's tokenizer (anything with `.encode(text) -> list[int]`); `subjects` a list of
+    (w, concept word) with w (D,) for the whole batch or (B, D) per prompt. Returns (ê, eos_hat)."""
+    B = e.shape[0]
+    pairs = []
+    for w, word in subjects:
+        concept_ids = tokenizer.encode(word)
+        i = [find_concept(ids[b].tolist(), concept_ids, word=word, prompt=prompts[b]) for b in range(B)]
+        pairs.append((w.expand(B, -1), torch.tensor(i, device=e.device)))
+    return insert_many(e, pairs, eos_pos)
+
+
+# -- trained mappers on disk ---------------------------------------------------------------------
+
+# safetensors metadata that marks a file as a mapper and records its architecture.
+FORMAT_KEY, FORMAT = "format", "cocoins-mapper"
+CONFIG_KEY = "mapper_config"
+
+
+def save_mapper(path: str, mapper: Mapper, metadata: dict[str, str] | None = None) -> None:
+    """Write `mapper` (unwrapped from DDP) to a safetensors file, atomically.
+
+    `metadata` (string values, e.g. the training arguments as JSON) is stored beside the config;
+    the keys "format" and "mapper_config" are the mapper's own. The file is written to a temporary
+    name in the same folder and renamed over `path`, so a killed process leaves the previous file
+    intact and never a partial one."""
+    meta = {**(metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(asdict(mapper.config))}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mapper.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mapper-", suffix=".safetensors.tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_mapper(path: str, device="cpu") -> Mapper:
+    """A mapper written by `save_mapper`, in eval mode with gradients off (call
+    `.train().requires_grad_(True)` to continue training it)."""
+    meta = read_metadata(path)
+    if meta.get(FORMAT_KEY) != FORMAT or CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} is not a CoCoIns mapper checkpoint; pass the mapper.safetensors that train.py writes")
+    try:
+        fields = json.loads(meta[CONFIG_KEY])
+        config = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"the mapper config stored in {path} is unreadable ({err}); the file may be corrupt") from None
+    # Placeholder statistics; the file's own are assigned with the weights just below.
+    mapper = Mapper(config, [(torch.zeros(D), torch.ones(D)) for D in config.token_widths])
+    state = dict(stream_tensors(path, read_shapes(path), device=device))
+    return load_strict(mapper.to(device), state, "mapper")
