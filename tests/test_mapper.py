@@ -305,24 +305,21 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_partial_one(tm
 
 # -- with the real CLIP tokenizer ----------------------------------------------------------------
 
-# model/clip.py is written beside this file; this test joins the suite once it is in the tree.
-if os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "clip.py")):
+@pytest.mark.parametrize("pad", ["eos", "!"])
+def test_pseudo_words_land_before_concepts_in_real_clip_token_sequences(pad):
+    from model import clip
 
-    @pytest.mark.parametrize("pad", ["eos", "!"])
-    def test_pseudo_words_land_before_concepts_in_real_clip_token_sequences(pad):
-        from model import clip
-
-        tok = clip.Tokenizer.bundled(pad=pad)
-        long_prompt = "a snowboarder and a woman " + "reading a book " * 40  # truncated to 77 tokens
-        prompts = ["a photo of a Woman reading", long_prompt]
-        ids = tok(prompts)
-        eos = clip.eos_positions(ids)
-        e = ids.float()[..., None]  # each "embedding" is its token id
-        subjects = [(torch.tensor([-1.0]), "snowboarder"), (torch.tensor([-2.0]), "woman")]
-        e_hat, eos_hat = insert_subjects(e[1:], eos[1:], ids[1:], tok, subjects, prompts[1:])
-        snow, boarder = tok.encode("snowboarder")  # two BPE tokens: the pseudo-word precedes both
-        assert e_hat[0, :9, 0].tolist() == [clip.BOS_ID, 320, -1, snow, boarder, 537, 320, -2, tok.encode("woman")[0]]
-        assert eos_hat.tolist() == [76] and e_hat[0, 76, 0].item() == clip.EOS_ID
-        e_hat, eos_hat = insert_subjects(e[:1], eos[:1], ids[:1], tok, subjects[1:], prompts[:1])
-        assert e_hat[0, :9, 0].tolist() == [clip.BOS_ID, 320, 1125, 539, 320, -2, 2308, 2337, clip.EOS_ID]
-        assert eos_hat.tolist() == [eos[0].item() + 1] and e_hat[0, 9, 0].item() == tok.pad_id
+    tok = clip.Tokenizer.bundled(pad=pad)
+    long_prompt = "a snowboarder and a woman " + "reading a book " * 40  # truncated to 77 tokens
+    prompts = ["a photo of a Woman reading", long_prompt]
+    ids = tok(prompts)
+    eos = clip.eos_positions(ids)
+    e = ids.float()[..., None]  # each "embedding" is its token id
+    subjects = [(torch.tensor([-1.0]), "snowboarder"), (torch.tensor([-2.0]), "woman")]
+    e_hat, eos_hat = insert_subjects(e[1:], eos[1:], ids[1:], tok, subjects, prompts[1:])
+    snow, boarder = tok.encode("snowboarder")  # two BPE tokens: the pseudo-word precedes both
+    assert e_hat[0, :9, 0].tolist() == [clip.BOS_ID, 320, -1, snow, boarder, 537, 320, -2, tok.encode("woman")[0]]
+    assert eos_hat.tolist() == [76] and e_hat[0, 76, 0].item() == clip.EOS_ID
+    e_hat, eos_hat = insert_subjects(e[:1], eos[:1], ids[:1], tok, subjects[1:], prompts[:1])
+    assert e_hat[0, :9, 0].tolist() == [clip.BOS_ID, 320, 1125, 539, 320, -2, 2308, 2337, clip.EOS_ID]
+    assert eos_hat.tolist() == [eos[0].item() + 1] and e_hat[0, 9, 0].item() == tok.pad_id
