@@ -1,0 +1,491 @@
+"""The SDXL UNet: the denoiser ε_θ(x_t, e, t) of the paper (section 3), frozen during training.
+
+It predicts the noise ε̂ in a noisy latent x_t from three things, which enter at different places:
+
+    t          the timestep      -> sinusoid -> MLP -> emb, added inside every ResBlock
+    y          added conditioning (pooled bigG text vector ++ sinusoids of the image size and
+               crop, SDXL's "micro-conditioning") -> MLP -> added to emb
+    context    the token embeddings of both text encoders (77 × 2048), read by the
+               cross-attention of every transformer block (this is where CoCoIns' pseudo-words
+               reach the image)
+
+The network is a U: three levels of 320/640/1280 channels going down (input_blocks), a middle
+block, and the same levels going up (output_blocks), where each up block first concatenates the
+output of its mirror-image down block (the skip connections). Levels 2 and 3 hold
+SpatialTransformers with 2 and 10 transformer blocks; every attention head is 64 wide.
+
+Reference: Stability AI's `sgm` (generative-models), `sgm/modules/diffusionmodules/openaimodel.py`
+(UNetModel, ResBlock, Downsample, Upsample) and `sgm/modules/attention.py` (SpatialTransformer,
+BasicTransformerBlock, CrossAttention, GEGLU); SDXL config `configs/inference/sd_xl_base.yaml`.
+Module attribute names equal the official checkpoint's `model.diffusion_model.*` names, so the
+official file loads by prefix with `strict=True`. `from_diffusers` at the end renames the
+diffusers layout (`unet/diffusion_pytorch_model.safetensors`) to the same names.
+
+Symbols:   x_t noisy latent (B, 4, h, w)   t timestep (B,)   eps ε̂ predicted noise
+           context (B, 77, 2048)   pooled (B, 1280)   time_ids (B, 6)   y (B, 2816)
+           emb (B, 1280) the time + added-conditioning embedding every ResBlock receives
+
+Read next: model/vae.py (the autoencoder whose latents this UNet denoises).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import attention
+from model.checkpoint import CheckpointError, load_strict
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels of x_t (the VAE's z)
+    out_channels: int = 4  # ε̂ has the latent's shape
+    model_channels: int = 320  # channels of the first level; also the width of t's sinusoid
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # level widths = model_channels × mult: 320, 640, 1280
+    num_res_blocks: int = 2  # ResBlocks per level going down (going up: one more, for the downsample's skip)
+    transformer_depth: tuple[int, ...] = (0, 2, 10)  # transformer blocks per SpatialTransformer, per level (0: none)
+    transformer_depth_middle: int = 10  # transformer blocks in the middle block's SpatialTransformer
+    context_dim: int = 2048  # cross-attention context width: CLIP-L 768 ++ bigG 1280
+    adm_in_channels: int = 2816  # width of y: pooled bigG 1280 ++ 6 size/crop numbers × time_id_dim
+    time_id_dim: int = 256  # sinusoid width per size/crop number; fixed by sgm's conditioner, no weight shows it
+    head_dim: int = 64  # channels per attention head, everywhere in SDXL
+
+    @property
+    def time_embed_dim(self) -> int:
+        # emb is 4 × model_channels wide (1280), as in every UNet since DDPM
+        return 4 * self.model_channels
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, in the order the forward pass meets them
+# ---------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) numbers t (N,) -> (N, dim), in float32."""
+    half = dim // 2
+    # ω_i = max_period^(−i/half),  i = 0 … half−1
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    # PITFALL: cos first, then sin (sgm's timestep_embedding; diffusers calls it flip_sin_to_cos=True,
+    # freq_shift=0). The swapped order gives a plausible-looking but wrong embedding.
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 whatever the model's dtype."""
+
+    def forward(self, x):
+        # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32); mean/variance over 10⁵ bf16
+        # values lose the digits that matter, and the result is cast back only afterwards.
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Two 3×3 convolutions with the time embedding added in between, plus a skip path."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        # Slot 2 is sgm's Dropout (p = 0 for SDXL); the Identity keeps the official index of the conv.
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        # A 1×1 conv only where the channel count changes (first ResBlock of a level, every up block).
+        self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        # h = conv(SiLU(GN(x))) + W·SiLU(emb);   out = skip(x) + conv(SiLU(GN(h)))
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over itself (attn1) or over the text context (attn2)."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # sgm's Dropout would sit at index 1
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+
+        # (B, L, heads·D) -> (B, heads, L, D)
+        def split(z):
+            return z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        # softmax(q·kᵀ/√D)·v per head, q from x, k and v from the context
+        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """GEGLU(x) = a ⊙ GELU(g) with [a, g] = proj(x) (Shazeer 2020)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # index 1 is sgm's Dropout (p = 0); the Identity keeps ff.net.2 at its official name
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the text, GEGLU MLP."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, dim, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        # the text conditions the image here, and only here
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A feature map as a sequence of H·W tokens through `depth` transformer blocks, plus a residual."""
+
+    def __init__(self, channels: int, depth: int, context_dim: int, head_dim: int):
+        super().__init__()
+        # eps 1e-6 here, unlike the ResBlocks' 1e-5 (sgm's Normalize vs normalization)
+        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)  # SDXL projects with Linear layers, not 1×1 convs
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, context_dim, head_dim) for _ in range(depth)]
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H·W, C)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3×3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour ×2, then a 3×3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.Sequential):
+    """One numbered entry of input_blocks / output_blocks / middle_block (sgm's
+    TimestepEmbedSequential): ResBlocks get emb, SpatialTransformers get the context."""
+
+    def forward(self, h, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            else:
+                h = layer(h)
+        return h
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = cfg
+        C, E = cfg.model_channels, cfg.time_embed_dim
+
+        def transformer(ch, depth):
+            return [SpatialTransformer(ch, depth, cfg.context_dim, cfg.head_dim)] if depth else []
+
+        # t: sinusoid (320) -> MLP -> emb (1280)
+        self.time_embed = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
+        # y (2816) -> MLP -> added to emb; sgm nests this MLP in one more Sequential, hence label_emb.0.0
+        self.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E))
+        )
+
+        # Down: a conv from latent to features, then per level num_res_blocks × (ResBlock
+        # [+ SpatialTransformer]) and a Downsample (but not after the last level).
+        # Every input block's output is a skip; remember its channel count for the way up.
+        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, C, 3, padding=1))])
+        skip_channels, ch = [C], C
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, C * mult, E), *transformer(C * mult, cfg.transformer_depth[level])]
+                ch = C * mult
+                self.input_blocks.append(Block(*layers))
+                skip_channels.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Block(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = Block(
+            ResBlock(ch, ch, E),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.head_dim),
+            ResBlock(ch, ch, E),
+        )
+
+        # Up: per level (deepest first) num_res_blocks + 1 × (ResBlock on [h, skip] [+ SpatialTransformer]),
+        # the last one of each level but the top followed by an Upsample.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                ch_in = ch + skip_channels.pop()
+                layers = [ResBlock(ch_in, C * mult, E), *transformer(C * mult, cfg.transformer_depth[level])]
+                ch = C * mult
+                if level > 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Block(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+        # Training sets this: each block's activations are recomputed in backward instead of stored.
+        self.gradient_checkpointing = False
+
+    def _run(self, block, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x_t, t, context, pooled, time_ids):
+        """ε̂ = ε_θ(x_t, t, context, y) with y = pooled ++ sinusoids(time_ids).
+
+        x_t (B, 4, h, w); t (B,) or one number, int or float; context (B, 77, 2048);
+        pooled (B, 1280); time_ids (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        cfg, dtype, B = self.config, next(self.parameters()).dtype, x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(B)
+
+        # PITFALL: the added conditioning is pooled (1280) ++ one 256-wide sinusoid per size/crop
+        # number, in the order (orig_h, orig_w, crop_top, crop_left, target_h, target_w) = 2816.
+        size_emb = timestep_embedding(time_ids.flatten(), cfg.time_id_dim).reshape(B, -1)
+        y = torch.cat([pooled.float(), size_emb], dim=1)
+        # emb = MLP(sinusoid(t)) + MLP(y): the one vector through which time and size reach every ResBlock
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+
+        # Down the U, keeping every block's output as a skip connection.
+        h, skips = x_t.to(dtype), []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+
+        h = self._run(self.middle_block, h, emb, context)
+
+        # Up the U: each block starts from [h, the mirror-image skip] concatenated along channels.
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+
+        return self.out(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: architecture from the checkpoint, the diffusers name table, build
+# ---------------------------------------------------------------------------------------------
+
+
+def _count_transformer_blocks(shapes, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+# What a state dict is, judged by one telltale name, for error messages.
+_LOOKS_LIKE = {
+    "decoder.conv_in.weight": "an autoencoder (VAE)",
+    "text_model.embeddings.token_embedding.weight": "a CLIP text encoder",
+    "token_embedding.weight": "an OpenCLIP text encoder",
+}
+
+
+def _not_an_sdxl_unet(shapes) -> str | None:
+    """Why these tensors cannot be an SDXL UNet in the official layout (None if they can be)."""
+    keys = list(shapes)
+    if not keys:
+        return "the UNet checkpoint holds no tensors"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "the UNet tensors still carry the single-file prefix model.diffusion_model., strip it before building"
+    if "conv_in.weight" in shapes or any(k.startswith("down_blocks.") for k in keys):
+        return "these UNet tensors are in the diffusers layout, convert them with model.unet.from_diffusers first"
+    if "input_blocks.0.0.weight" not in shapes:
+        what = next((v for k, v in _LOOKS_LIKE.items() if k in shapes), f"something else ({sorted(keys)[0]}, …)")
+        return f"these tensors are not a UNet but {what}; point the UNet at an SDXL base checkpoint"
+    if "label_emb.0.0.weight" not in shapes:
+        return (
+            "this UNet has no added-conditioning MLP (label_emb), so it is a Stable Diffusion 1.x/2.x UNet, "
+            "not SDXL; use an SDXL base checkpoint"
+        )
+    if any(k.endswith("proj_in.weight") and len(shapes[k]) != 2 for k in keys):
+        return (
+            "this UNet's transformers project with 1×1 convolutions (Stable Diffusion 1.x style) instead of "
+            "SDXL's linear layers; use an SDXL base checkpoint"
+        )
+    return None
+
+
+def config_from_state_dict(shapes: dict[str, tuple]) -> UNetConfig:
+    """Read the architecture from official (unprefixed) tensor names and shapes."""
+    problem = _not_an_sdxl_unet(shapes)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        return _read_config(shapes)
+    except KeyError as e:
+        raise CheckpointError(
+            f"the UNet checkpoint has no tensor {e.args[0]}, so it is incomplete; download it again"
+        ) from None
+
+
+def _read_config(shapes) -> UNetConfig:
+    C = shapes["input_blocks.0.0.weight"][0]
+    # Walk the input blocks: a Downsample (".0.op") closes a level; every other block starts with a ResBlock.
+    n_input = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
+    levels = [[]]
+    for i in range(1, n_input):
+        if f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append([])
+        else:
+            levels[-1].append(i)
+    return UNetConfig(
+        in_channels=shapes["input_blocks.0.0.weight"][1],
+        out_channels=shapes["out.2.weight"][0],
+        model_channels=C,
+        channel_mult=tuple(shapes[f"input_blocks.{blocks[0]}.0.in_layers.2.weight"][0] // C for blocks in levels),
+        num_res_blocks=len(levels[0]),
+        transformer_depth=tuple(
+            _count_transformer_blocks(shapes, f"input_blocks.{blocks[0]}.1.transformer_blocks.") for blocks in levels
+        ),
+        transformer_depth_middle=_count_transformer_blocks(shapes, "middle_block.1.transformer_blocks."),
+        context_dim=shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
+        adm_in_channels=shapes["label_emb.0.0.weight"][1],
+    )
+
+
+# Inside a ResBlock diffusers renames the layers; inside a transformer every name is the same.
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_MLP = {"linear_1": "0", "linear_2": "2"}
+
+
+def _diffusers_block_table(levels: int, num_res_blocks: int, up_attention: list[bool]) -> dict:
+    """diffusers block name -> (official block name, renames of that block's direct children)."""
+    table = {
+        "conv_in": ("input_blocks.0.0", {}),
+        "time_embedding": ("time_embed", _MLP),
+        "add_embedding": ("label_emb.0", _MLP),
+        "mid_block.resnets.0": ("middle_block.0", _RESNET),
+        "mid_block.attentions.0": ("middle_block.1", {}),
+        "mid_block.resnets.1": ("middle_block.2", _RESNET),
+        "conv_norm_out": ("out.0", {}),
+        "conv_out": ("out.2", {}),
+    }
+    # Down: input block 0 is conv_in; then per level num_res_blocks blocks of ResBlock (.0) and
+    # transformer (.1), then one Downsample block (its conv is called `op`), except after the last level.
+    i = 1
+    for level in range(levels):
+        for j in range(num_res_blocks):
+            table[f"down_blocks.{level}.resnets.{j}"] = (f"input_blocks.{i}.0", _RESNET)
+            table[f"down_blocks.{level}.attentions.{j}"] = (f"input_blocks.{i}.1", {})
+            i += 1
+        if level < levels - 1:
+            table[f"down_blocks.{level}.downsamplers.0"] = (f"input_blocks.{i}.0", {"conv": "op"})
+            i += 1
+    # Up: num_res_blocks + 1 blocks per level; the Upsample joins the level's last block, after
+    # the transformer (.2) where the level has one, else right after the ResBlock (.1).
+    for level in range(levels):
+        for j in range(num_res_blocks + 1):
+            o = level * (num_res_blocks + 1) + j
+            table[f"up_blocks.{level}.resnets.{j}"] = (f"output_blocks.{o}.0", _RESNET)
+            table[f"up_blocks.{level}.attentions.{j}"] = (f"output_blocks.{o}.1", {})
+        table[f"up_blocks.{level}.upsamplers.0"] = (f"output_blocks.{o}.{2 if up_attention[level] else 1}", {})
+    return table
+
+
+def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DConditionModel state dict to the official names (pure renames)."""
+    keys = list(sd)
+    if not any(k.startswith("down_blocks.") for k in keys):
+        raise CheckpointError(
+            f"these tensors ({', '.join(sorted(keys)[:2])}, …) are not a diffusers UNet "
+            "(no down_blocks.…); pass the file from the unet/ folder of a diffusers SDXL model"
+        )
+    levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
+    num_res_blocks = len({k.split(".")[3] for k in keys if k.startswith("down_blocks.0.resnets.")})
+    up_attention = [any(k.startswith(f"up_blocks.{level}.attentions.") for k in keys) for level in range(levels)]
+    table = _diffusers_block_table(levels, num_res_blocks, up_attention)
+
+    out = {}
+    for name, tensor in sd.items():
+        parts = name.split(".")
+        # A block name is 4 parts (down_blocks.1.resnets.0), 3 (mid_block.resnets.0) or 1 (conv_in) long.
+        for n in (4, 3, 1):
+            block = ".".join(parts[:n])
+            if block in table and len(parts) > n:
+                break
+        else:
+            raise CheckpointError(
+                f"the diffusers UNet has a tensor {name} that SDXL's UNet does not have, so it is not an SDXL base UNet"
+            )
+        official, children = table[block]
+        child = parts[n]
+        out[".".join([official, children.get(child, child), *parts[n + 1:]])] = tensor
+    return out
+
+
+def build(sd: dict[str, torch.Tensor]) -> UNet:
+    """The UNet for an official-layout state dict (prefix stripped), built on meta and assigned."""
+    cfg = config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    # The official file's UNet part holds exactly the module's tensors: nothing to ignore.
+    return load_strict(unet, sd, "UNet")
