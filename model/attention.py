@@ -34,9 +34,10 @@ _SDPA_BACKENDS = {
 }
 BACKENDS = ("auto", *_SDPA_BACKENDS, "reference")
 
-# FlashAttention kernels only exist for head widths up to 256. The SDXL VAE's mid block
-# has a single 512-wide head, so that call must never be forced onto flash.
-FLASH_MAX_HEAD_DIM = 256
+# The fused kernels (flash, memory-efficient, cuDNN) only exist for head widths up to 256 on
+# current GPUs. The SDXL VAE's mid block has a single 512-wide head, so that call must never
+# be forced onto them: it falls back to PyTorch's own choice (the math kernel).
+FUSED_MAX_HEAD_DIM = 256
 
 _backend = "auto"
 
@@ -72,9 +73,9 @@ def attention(q, k, v, mask=None, is_causal=False):
         return attention_reference(q, k, v, mask, is_causal)
     context = nullcontext()
     if _backend != "auto":
-        # PITFALL: flash only takes heads up to 256 wide; the VAE's 512-wide head falls back
-        # to PyTorch's own choice instead of failing (or being silently forced).
-        if not (_backend == "flash" and q.shape[-1] > FLASH_MAX_HEAD_DIM):
+        # PITFALL: fused kernels take heads up to 256 wide; the VAE's 512-wide head falls back
+        # to PyTorch's own choice instead of failing with "No available kernel".
+        if _backend == "math" or q.shape[-1] <= FUSED_MAX_HEAD_DIM:
             context = sdpa_kernel(_SDPA_BACKENDS[_backend])
     with context:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

@@ -1,0 +1,421 @@
+"""The SDXL autoencoder (AutoencoderKL): images <-> latents.
+
+SDXL's UNet never sees pixels. It denoises 4-channel latents 8x smaller than the image; this
+file holds the variational autoencoder that maps between the two:
+
+    x ∈ [-1, 1]^(3×H×W)  --encoder-->  q(z|x) = N(μ, σ²)   (4 × H/8 × W/8)
+    z                     --decoder-->  x̂ ≈ x
+
+    latents for the UNet  = z · SCALING_FACTOR
+    image from UNet output = decode(latents / SCALING_FACTOR)
+
+Reference: Stability-AI/generative-models (sgm), `sgm/models/autoencoder.py`,
+`sgm/modules/diffusionmodules/model.py` (Encoder, Decoder, ResnetBlock, AttnBlock,
+Downsample, Upsample) and `sgm/modules/distributions/distributions.py`
+(DiagonalGaussianDistribution). Module names below are the official checkpoint's
+`first_stage_model.*` names with that prefix stripped, so the official file loads by prefix;
+`from_diffusers` at the bottom renames the diffusers folder layout into them.
+
+Shape of the network (SDXL base numbers, `VAEConfig` defaults):
+
+    encoder: conv_in 3->128; four levels of 128/256/512/512 channels, two ResNet blocks each,
+             a stride-2 downsample after each level but the last (1024 px -> 128);
+             mid: ResNet, single-head self-attention (one 512-wide head), ResNet;
+             GroupNorm, swish, conv_out -> 2·4 channels (mean and log-variance)
+    quant_conv (1x1) -> DiagonalGaussian
+    post_quant_conv (1x1) -> decoder: the mirror image, three ResNet blocks per level and a
+             nearest-neighbour 2x upsample + conv between levels, conv_out -> 3 channels.
+
+Precision: the SDXL VAE overflows in float16 (activations in the decoder exceed 65504 and the
+image turns to NaN/black). We never run it in float16: `build` upcasts float16 weights to
+float32 (the VAE is 84 M parameters, 335 MB in float32), and `encode`/`decode` refuse a VAE
+that was cast to float16 afterwards. Finetunes such as "sdxl-vae-fp16-fix" would survive
+float16, but float32 and bfloat16 are right for every VAE, so we do not tell them apart.
+bfloat16 has float32's range and is fine.
+
+Read next: model/unet.py (what consumes the latents), model/ddim.py (how they are sampled).
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.attention import attention
+from model.checkpoint import CheckpointError, UserError, load_strict
+
+# SDXL's latent scale: z · 0.13025 has roughly unit variance, which the UNet was trained on
+# (sgm `scale_factor`, diffusers `scaling_factor`; SD 1.x used 0.18215).
+SCALING_FACTOR = 0.13025
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3  # image channels (RGB)
+    out_channels: int = 3  # decoded image channels (RGB)
+    ch: int = 128  # channels of the first (full-resolution) level
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # level i has ch·ch_mult[i] channels; one downsample between levels
+    num_res_blocks: int = 2  # ResNet blocks per encoder level (the decoder has one more per level)
+    z_channels: int = 4  # latent channels; the encoder outputs twice as many (mean and log-variance)
+    norm_groups: int = 32  # GroupNorm groups (not stored in the weights; 32 in every SD/SDXL VAE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks, in the order the encoder uses them.
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, whatever the model's dtype:
+
+        y = (x − μ_g) / √(σ²_g + ε) · γ_c + β_c
+
+    with μ_g, σ²_g the mean and variance over the channels and pixels of channel c's group g."""
+
+    def forward(self, x):
+        B, C = x.shape[:2]
+        G = self.num_groups
+        # PITFALL: statistics over a group of up to millions of values lose precision in
+        # bfloat16, so they are computed from a float32 copy.
+        # Not F.group_norm: its statistics kernel runs one thread block per (sample, group),
+        # so 32 blocks for one image on a 132-SM GPU, 45% of a 1024 px decode; var_mean
+        # spreads each group over the whole GPU (bf16 1024 px decode on one H200: 104 ms with
+        # F.group_norm, 64 ms with this, diffusers 86 ms).
+        var, mean = torch.var_mean(x.reshape(B, G, -1).float(), dim=-1, correction=0, keepdim=True)  # (B, G, 1)
+        # y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
+        # computed in float32 (bfloat16 x promotes) and cast back
+        a = self.weight.float().view(1, G, C // G) * torch.rsqrt(var + self.eps)  # (B, G, C/G)
+        b = self.bias.float().view(1, G, C // G) - mean * a
+        return torch.addcmul(b.reshape(B, C, 1, 1), x, a.reshape(B, C, 1, 1)).to(x.dtype)
+
+
+def Normalize(channels: int, groups: int) -> GroupNorm32:
+    # eps 1e-6, not PyTorch's default 1e-5 (sgm `Normalize`)
+    return GroupNorm32(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(swish(norm2(conv1(swish(norm1(x)))))), with a 1x1 conv on x when widths differ."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1 = Normalize(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = Normalize(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # "nin" = network-in-network, i.e. a 1x1 conv that changes the skip path's width
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))  # swish(x) = x·sigmoid(x) = silu
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # PITFALL: the padding is asymmetric: one zero column on the right and one zero row at
+        # the bottom, none on the left/top (F.pad order: left, right, top, bottom). A symmetric
+        # padding=1 conv gives the same shapes and shifts every latent by half a pixel.
+        x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions; q, k, v and the output are 1x1 convs."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = Normalize(ch, groups)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        B, C, H, W = q.shape
+        # one head, C wide: (B, C, H, W) -> (B, 1, H·W, C)
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(-1, -2) for t in (q, k, v))
+        # softmax(q·kᵀ/√C)·v
+        # PITFALL: this head is 512 wide and FlashAttention stops at 256; attention() never
+        # forces flash on it, even when the user picked the flash backend.
+        h = attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class MidBlock(nn.Module):
+    """ResNet, attention, ResNet at the lowest resolution (shared shape of encoder and decoder)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class EncoderLevel(nn.Module):
+    """One resolution of the encoder: `block` ResNets, then (except at the last level) a downsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool, groups: int):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks))
+        self.downsample = Downsample(out_ch) if downsample else None
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> moments (B, 2·z, H/2^(levels-1), W/2^(levels-1))."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        levels = len(widths)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            EncoderLevel(([cfg.ch] + widths)[i], widths[i], cfg.num_res_blocks, i != levels - 1, cfg.norm_groups)
+            for i in range(levels)
+        )
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        self.norm_out = Normalize(widths[-1], cfg.norm_groups)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@dataclass
+class DiagonalGaussian:
+    """q(z|x) = N(mean, exp(logvar)), per latent element (sgm DiagonalGaussianDistribution)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @classmethod
+    def from_moments(cls, moments):
+        mean, logvar = moments.chunk(2, dim=1)
+        # the reference clamps log σ² to [-30, 20] so exp() stays finite
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    def sample(self, generator: torch.Generator | None = None):
+        # z = μ + σ·ε,  σ = exp(½·logvar).  ε is drawn on the generator's device and then moved,
+        # as diffusers draws it, so a CPU generator gives the same z as diffusers on any device.
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device)
+
+    def mode(self):
+        return self.mean
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder's blocks.
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DecoderLevel(nn.Module):
+    """One resolution of the decoder: `block` ResNets, then (except at level 0) an upsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool, groups: int):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks))
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Decoder(nn.Module):
+    """Latent (B, z, h, w) -> image (B, 3, h·2^(levels-1), w·2^(levels-1))."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        levels = len(widths)
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        # `up[i]` is the level with the encoder's `down[i]` resolution and width, so it runs in
+        # reverse order: up[levels-1] first (lowest resolution), up[0] last. Its input width
+        # is the width of the level below it (or of the mid block).
+        self.up = nn.ModuleList(
+            DecoderLevel((widths + [widths[-1]])[i + 1], widths[i], cfg.num_res_blocks + 1, i != 0, cfg.norm_groups)
+            for i in range(levels)
+        )
+        self.norm_out = Normalize(widths[0], cfg.norm_groups)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+class AutoencoderKL(nn.Module):
+    """SDXL's VAE: `encode(x) -> DiagonalGaussian`, `decode(z) -> x`.
+
+    `x` is an image batch (B, 3, H, W) in [-1, 1]; `z` is an *unscaled* latent: the UNet's
+    latents are `z · SCALING_FACTOR`. Inputs of any float dtype are cast to the weights' dtype
+    (float32 or bfloat16); outputs come back in that dtype."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # 1x1 convs between the encoder/decoder and the latent (sgm's `embed_dim` == z_channels in SDXL)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def _dtype(self) -> torch.dtype:
+        dtype = self.quant_conv.weight.dtype
+        if dtype == torch.float16:
+            # PITFALL: the SDXL VAE overflows in float16 (NaN/black images).
+            raise UserError(
+                "the SDXL VAE overflows in float16, so keep it in float32 or bfloat16 "
+                "(build() already loads float16 weights as float32)"
+            )
+        return dtype
+
+    def encode(self, x) -> DiagonalGaussian:
+        moments = self.quant_conv(self.encoder(x.to(self._dtype())))
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z.to(self._dtype())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: architecture from names and shapes, the diffusers layout, build.
+
+
+def _describe(names) -> str:
+    """What a set of tensor names looks like, for the error when it is not an official-layout VAE."""
+    names = list(names)
+    if any(n.startswith("first_stage_model.") for n in names):
+        return "official VAE names that still carry the 'first_stage_model.' prefix, which must be stripped first"
+    if any(n.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for n in names):
+        return "a VAE in the diffusers layout, which must go through vae.from_diffusers() first"
+    if any(n.startswith("encoder.conv_in.") for n in names) and "quant_conv.weight" not in names:
+        return "a VAE without quant_conv (like the 16-channel SD3/FLUX autoencoder), which SDXL cannot use"
+    if any(n.startswith(("input_blocks.", "time_embed.", "time_embedding.", "model.diffusion_model.")) for n in names):
+        return "a UNet"
+    if any("text_model." in n or "transformer.resblocks." in n or "token_embedding" in n for n in names):
+        return "a text encoder"
+    shown = ", ".join(sorted(names)[:3]) or "nothing"
+    return f"something else (first tensors: {shown})"
+
+
+def config_from_state_dict(shapes: dict[str, tuple]) -> VAEConfig:
+    """Read the VAE architecture from official (prefix-stripped) tensor names and shapes."""
+    required = (
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.conv1.weight",
+        "decoder.conv_in.weight",
+        "decoder.conv_out.weight",
+        "quant_conv.weight",
+    )
+    if not all(name in shapes for name in required):
+        raise CheckpointError(
+            f"these weights are not an SDXL VAE in the official layout: they look like {_describe(shapes)}"
+        )
+    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+    levels = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", n)))
+    blocks = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", n)))
+    # each level's width is the output width of its first ResNet's first conv
+    widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
+    return VAEConfig(
+        in_channels=in_channels,
+        out_channels=shapes["decoder.conv_out.weight"][0],
+        ch=ch,
+        ch_mult=tuple(w // ch for w in widths),
+        num_res_blocks=blocks,
+        z_channels=shapes["decoder.conv_in.weight"][1],
+    )
+
+
+# diffusers AutoencoderKL name -> official name, applied in order to each tensor name; the
+# parts the two layouts share (conv_in, conv_out, norm1/conv1/norm2/conv2, quant_conv,
+# post_quant_conv) need no rule. Decoder level indices are reversed before this table runs.
+_DIFFUSERS_TO_OFFICIAL = [
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.\1.block.\2."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.upsample."),
+    (r"\.conv_shortcut\.", r".nin_shortcut."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_q\.", r"\1.mid.attn_1.q."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_k\.", r"\1.mid.attn_1.k."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_v\.", r"\1.mid.attn_1.v."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+]
+
+
+def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict (`vae/diffusion_pytorch_model.safetensors`)
+    to the official layout. Works on meta tensors."""
+    levels = 1 + max((int(m[1]) for n in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", n))), default=-1)
+    out = {}
+    for name, t in sd.items():
+        # PITFALL: diffusers numbers decoder levels in execution order (up_blocks.0 = lowest
+        # resolution); the official file numbers them by resolution like the encoder
+        # (up.0 = full resolution), so up_blocks.i is up.{levels-1-i}.
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.", name)
+        for pattern, repl in _DIFFUSERS_TO_OFFICIAL:
+            new = re.sub(pattern, repl, new)
+        # diffusers' mid attention is nn.Linear [C, C]; the official file has 1x1 convs [C, C, 1, 1]
+        if ".mid.attn_1." in new and new.endswith(".weight") and t.ndim == 2:
+            t = t[:, :, None, None]
+        out[new] = t
+    return out
+
+
+def build(sd: dict[str, torch.Tensor]) -> AutoencoderKL:
+    """The VAE for an official-layout (prefix-stripped) state dict: built on meta, weights assigned."""
+    cfg = config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    # float16 weights (e.g. the diffusers `.fp16` variant) are upcast: see "Precision" above
+    sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    return load_strict(model, sd, "VAE")
