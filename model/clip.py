@@ -474,12 +474,19 @@ def bigg_config_from_state_dict(shapes: dict[str, tuple]) -> OpenCLIPTextConfig:
     )
 
 
+def _with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 4.x saved CLIP text models with a `text_model.` prefix (SDXL's hub files
+    have it); transformers 5.x saves them without. Both spell the same model."""
+    return {k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k: v
+            for k, v in sd.items()}
+
+
 def clip_l_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers `text_encoder/` -> official CLIP-L names: the identity.
+    """diffusers `text_encoder/` -> official CLIP-L names: the identity (up to the prefix above).
 
     The official file stores CLIP-L as a transformers CLIPTextModel under
     `conditioner.embedders.0.transformer.`, so both layouts use the same `text_model.*` names."""
-    return dict(sd)
+    return _with_text_model_prefix(sd)
 
 
 # diffusers `text_encoder_2/` (a transformers CLIPTextModelWithProjection) -> OpenCLIP names.
@@ -509,7 +516,7 @@ def bigg_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     `text_projection` = Wᵀ (y = x·P). Unknown keys keep their names so the strict loader
     reports them."""
     out, qkv = {}, {}
-    for name, t in sd.items():
+    for name, t in _with_text_model_prefix(sd).items():
         block = _BLOCK_KEY.fullmatch(name)
         if name in _BIGG_NAMES:
             out[_BIGG_NAMES[name]] = t
