@@ -1,0 +1,308 @@
+"""One checkpoint -> a ready Stable Diffusion XL: loading, prompt encoding, generation.
+
+This file ties the components together the way SDXL base uses them:
+
+    prompt ──tokenize──> ids ──embed──> token embeddings ──(CoCoIns: insert pseudo-words)──┐
+                                                                                            │
+        CLIP ViT-L/14 ── penultimate states (77×768) ───────┐                              │
+        OpenCLIP bigG ── penultimate states (77×1280) ──────┴─ concat ─> context (77×2048) │
+                      └─ pooled (1280) ─┐                                                   │
+    (orig_h, orig_w, crop_top, crop_left, target_h, target_w) ─> time_ids ─┐  <────────────┘
+                                        UNet ε̂(x_t, t, context, pooled, time_ids)
+                                        DDIM (model/ddim.py) ─> latent ─> VAE decode ─> image
+
+Loading accepts the two layouts people have on disk:
+  * the official single file `sd_xl_base_1.0.safetensors` (and SDXL fine-tunes saved the same
+    way): four key prefixes, one per model;
+  * a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer*/`),
+    with or without `.fp16` variant files; each model file converts it to official names.
+Every tensor is accounted for (strict loading), tensors stream one by one to the target device
+and dtype, and anything that is not SDXL base ends in one sentence saying what it looks like.
+
+Read next: model/mapper.py (the CoCoIns part), then sample.py.
+"""
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import clip, ddim, unet, vae
+from model.checkpoint import CheckpointError, UserError, read_shapes, stream_tensors
+
+# Key prefixes of the four models inside the official single file (sgm's DiffusionEngine).
+PREFIX = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "conditioner.embedders.0.transformer.",
+    "clip_g": "conditioner.embedders.1.model.",
+}
+OFFICIAL_FILENAME = "sd_xl_base_1.0.safetensors"
+HUB_REPO_FOLDER = "models--stabilityai--stable-diffusion-xl-base-1.0"
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and recognising checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def hub_cache_dirs() -> list[str]:
+    """Where huggingface_hub keeps downloads, in its own order of precedence."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [os.environ["HF_HUB_CACHE"]]
+    if os.environ.get("HF_HOME"):
+        return [os.path.join(os.environ["HF_HOME"], "hub")]
+    return [os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")]
+
+
+def find_default_weights() -> str | None:
+    """The official file in weights/, else an SDXL base snapshot already in the Hugging Face cache.
+
+    People who used diffusers already have the weights on disk: never make them download twice."""
+    local = os.path.join(WEIGHTS_DIR, OFFICIAL_FILENAME)
+    if os.path.isfile(local):
+        return local
+    for cache in hub_cache_dirs():
+        for snapshot in sorted(glob.glob(os.path.join(cache, HUB_REPO_FOLDER, "snapshots", "*"))):
+            single = os.path.join(snapshot, OFFICIAL_FILENAME)
+            if os.path.isfile(single):  # isfile follows the cache's symlinks into blobs/
+                return single
+            if _diffusers_file(os.path.join(snapshot, "unet"), "diffusion_pytorch_model") is not None:
+                return snapshot
+    return None
+
+
+MISSING_WEIGHTS = (
+    "no SDXL weights found (looked for weights/{name} and an SDXL base snapshot in the Hugging Face "
+    "cache); run `python weights/download.py` to fetch the official file (6.9 GB) into weights/, "
+    "or pass --weights PATH to a single file or a diffusers folder"
+).format(name=OFFICIAL_FILENAME)
+
+
+def describe_foreign(shapes: dict) -> str | None:
+    """If a single file is not SDXL base, say what it looks like (None when it is SDXL base)."""
+    keys = shapes.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if any("lora" in k.lower() for k in keys):
+        return "a LoRA (low-rank adapter), not a full model; load it with a tool that applies LoRAs to SDXL"
+    if has("model.diffusion_model.joint_blocks") or has("joint_blocks."):
+        return "a Stable Diffusion 3 checkpoint, a different architecture"
+    if has("model.diffusion_model.double_blocks") or has("double_blocks."):
+        return "a FLUX checkpoint, a different architecture"
+    if has("cond_stage_model.transformer."):
+        return "a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder), not SDXL"
+    if has("cond_stage_model.model."):
+        return "a Stable Diffusion 2.x checkpoint (one OpenCLIP-H text encoder), not SDXL"
+    if has("conditioner.embedders.0.model.") and not has(PREFIX["clip_l"]):
+        return "the SDXL refiner (one bigG text encoder), not SDXL base"
+    if has("conv_in.weight") and has("time_embedding."):
+        return "a diffusers UNet file on its own; pass the diffusers folder that contains unet/, vae/ and the text encoders"
+    if has("encoder.down_blocks.") or has("encoder.down."):
+        return "a VAE on its own; pass it with --vae and the full model with --weights"
+    missing = [name for name, prefix in PREFIX.items() if not has(prefix)]
+    if missing:
+        return f"not an SDXL base single file: it has no {', '.join(missing)} weights (expected key prefixes {', '.join(PREFIX[m] for m in missing)})"
+    return None
+
+
+def _diffusers_file(folder: str, stem: str) -> list[str] | None:
+    """The safetensors file(s) of one diffusers component, preferring full precision over `.fp16`.
+
+    Large components may be sharded (`stem-00001-of-00002.safetensors`); all shards are returned."""
+    for variant in ("", ".fp16"):
+        single = os.path.join(folder, f"{stem}{variant}.safetensors")
+        if os.path.isfile(single):
+            return [single]
+        shards = sorted(glob.glob(os.path.join(folder, f"{stem}{variant}-*-of-*.safetensors")))
+        if shards:
+            return shards
+    return None
+
+
+@dataclass
+class Part:
+    """Where one model's tensors are: files, the key prefix to strip, and the layout of the names."""
+    files: list[str]
+    prefix: str = ""
+    diffusers: bool = False
+
+
+def locate(path: str) -> dict[str, Part]:
+    """Map a user's --weights path to the files holding each of the four models."""
+    if os.path.isdir(path):
+        parts = {}
+        for name, (sub, stem) in {
+            "unet": ("unet", "diffusion_pytorch_model"),
+            "vae": ("vae", "diffusion_pytorch_model"),
+            "clip_l": ("text_encoder", "model"),
+            "clip_g": ("text_encoder_2", "model"),
+        }.items():
+            files = _diffusers_file(os.path.join(path, sub), stem)
+            if files is None:
+                if os.path.isfile(os.path.join(path, OFFICIAL_FILENAME)):
+                    return locate(os.path.join(path, OFFICIAL_FILENAME))
+                raise CheckpointError(
+                    f"{path} is not an SDXL diffusers folder: {sub}/{stem}.safetensors is missing "
+                    "(pass the folder holding unet/, vae/, text_encoder/ and text_encoder_2/, or the single .safetensors file)"
+                )
+            parts[name] = Part(files, diffusers=True)
+        return parts
+    if not os.path.exists(path):
+        raise CheckpointError(f"--weights {path} does not exist; {MISSING_WEIGHTS.split('; ', 1)[1]}")
+    foreign = describe_foreign(read_shapes(path))
+    if foreign:
+        raise CheckpointError(f"{path} is {foreign}")
+    return {name: Part([path], prefix) for name, prefix in PREFIX.items()}
+
+
+def locate_vae(path: str) -> Part:
+    """--vae: a VAE alone, in either layout (file or diffusers folder), or a whole SDXL checkpoint."""
+    if os.path.isdir(path):
+        files = _diffusers_file(path, "diffusion_pytorch_model") or _diffusers_file(
+            os.path.join(path, "vae"), "diffusion_pytorch_model")
+        if files is None:
+            raise CheckpointError(f"--vae {path} holds no diffusion_pytorch_model.safetensors; pass the VAE folder or its .safetensors file")
+        return Part(files, diffusers=True)
+    keys = read_shapes(path).keys()
+    if any(k.startswith(PREFIX["vae"]) for k in keys):
+        return Part([path], PREFIX["vae"])
+    if any(k.startswith("encoder.down_blocks.") for k in keys):
+        return Part([path], diffusers=True)
+    if any(k.startswith("encoder.down.") for k in keys):
+        return Part([path])
+    raise CheckpointError(f"--vae {path} is not an autoencoder checkpoint (no encoder/decoder weights in either layout)")
+
+
+def read_part(part: Part, device, dtype) -> dict[str, torch.Tensor]:
+    """Stream one model's tensors (names relative to its prefix) to `device` in `dtype`."""
+    sd = {}
+    for file in part.files:
+        names = [k for k in read_shapes(file) if k.startswith(part.prefix)]
+        sd.update(stream_tensors(file, names, device=device, dtype=dtype, strip_prefix=part.prefix))
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+class SDXL:
+    """The four frozen SDXL models plus their tokenizers, with SDXL base's conditioning."""
+
+    def __init__(self, tok_l, tok_g, clip_l, clip_g, unet, vae, device, dtype):
+        self.tok_l, self.tok_g = tok_l, tok_g
+        self.clip_l, self.clip_g = clip_l, clip_g
+        self.unet, self.vae = unet, vae
+        self.device, self.dtype = torch.device(device), dtype
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str, device="cpu", dtype=torch.float32, vae_path: str | None = None):
+        """Load SDXL from the official single file or a diffusers folder (see module docstring)."""
+        parts = locate(path)
+        if vae_path is not None:
+            parts["vae"] = locate_vae(vae_path)
+        converters = {
+            "unet": (unet.from_diffusers, unet.build),
+            "vae": (vae.from_diffusers, vae.build),
+            "clip_l": (clip.clip_l_from_diffusers, clip.build_clip_l),
+            "clip_g": (clip.bigg_from_diffusers, clip.build_bigg),
+        }
+        models = {}
+        for name, part in parts.items():
+            convert, build = converters[name]
+            # PITFALL: the SDXL VAE overflows in float16; it is kept in float32 in that case.
+            part_dtype = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
+            sd = read_part(part, device, part_dtype)
+            if part.diffusers:
+                sd = convert(sd)
+            models[name] = build(sd)
+            del sd
+        tok_l, tok_g = clip.Tokenizer.bundled(pad="eos"), clip.Tokenizer.bundled(pad="!")
+        if os.path.isdir(path):
+            # A diffusers folder brings its own tokenizer files; use them when present.
+            if os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
+                tok_l = clip.Tokenizer.from_diffusers(os.path.join(path, "tokenizer"))
+            if os.path.isfile(os.path.join(path, "tokenizer_2", "vocab.json")):
+                tok_g = clip.Tokenizer.from_diffusers(os.path.join(path, "tokenizer_2"))
+        return cls(tok_l, tok_g, models["clip_l"], models["clip_g"], models["unet"], models["vae"], device, dtype)
+
+    # -- conditioning ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], subjects=None):
+        """Prompts -> (context (B, 77, 2048), pooled (B, 1280)) as SDXL base computes them.
+
+        `subjects` (CoCoIns) is a list of (w_l, w_g, concept) triples: pseudo-words for the two
+        encoders and the concept word they are inserted before, in every prompt."""
+        from model import mapper  # CoCoIns lives in its own chapter
+
+        ids_l, ids_g = self.tok_l(prompts).to(self.device), self.tok_g(prompts).to(self.device)
+        e_l, e_g = self.clip_l.embed(ids_l), self.clip_g.embed(ids_g)
+        eos_l, eos_g = clip.eos_positions(ids_l), clip.eos_positions(ids_g)
+        if subjects:
+            e_l, eos_l = mapper.insert_subjects(e_l, eos_l, ids_l, self.tok_l, [(w_l, c) for w_l, _, c in subjects], prompts)
+            e_g, eos_g = mapper.insert_subjects(e_g, eos_g, ids_g, self.tok_g, [(w_g, c) for _, w_g, c in subjects], prompts)
+        out_l = self.clip_l(e_l, eos_l)
+        out_g = self.clip_g(e_g, eos_g)
+        # PITFALL: both encoders contribute their *penultimate* layer; the context is their concat.
+        context = torch.cat([out_l.penultimate, out_g.penultimate], dim=-1)
+        return context, out_g.pooled
+
+    def encode_negative(self, negative_prompt: str, batch: int, like_context, like_pooled):
+        # PITFALL: SDXL base conditions the unconditional branch of an *empty* negative prompt on
+        # zeros (context and pooled), not on the encoding of "" (diffusers: force_zeros_for_empty_prompt).
+        if not negative_prompt:
+            return torch.zeros_like(like_context), torch.zeros_like(like_pooled)
+        return self.encode_prompt([negative_prompt] * batch)
+
+    @staticmethod
+    def time_ids(height, width, batch, device, dtype, original=None, crop=(0, 0)):
+        """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+        At sampling time the 'original size' is the target size and the crop is (0, 0): the
+        image the model was told is an uncropped photo of exactly that size."""
+        orig_h, orig_w = original or (height, width)
+        ids = torch.tensor([orig_h, orig_w, crop[0], crop[1], height, width], dtype=dtype, device=device)
+        return ids.expand(batch, 6)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, negative_prompt="", steps=30, guidance=5.0, eta=0.0,
+                 width=1024, height=1024, subjects=None, progress=False) -> np.ndarray:
+        """One image (H, W, 3) uint8 for one prompt and one seed, DDIM with classifier-free guidance."""
+        context, pooled = self.encode_prompt([prompt], subjects)
+        neg_context, neg_pooled = self.encode_negative(negative_prompt, 1, context, pooled)
+        time_ids = self.time_ids(height, width, 1, self.device, self.dtype)
+        # The batch is [conditional, unconditional]; the UNet sees both halves in one pass.
+        cond = dict(context=torch.cat([context, neg_context]).to(self.dtype),
+                    pooled=torch.cat([pooled, neg_pooled]).to(self.dtype),
+                    time_ids=torch.cat([time_ids, time_ids]))
+
+        def eps_fn(x_t, t):
+            x_in = torch.cat([x_t, x_t]).to(self.dtype)
+            eps_c, eps_u = self.unet(x_in, t.expand(2), **cond).float().chunk(2)
+            return eps_c, eps_u
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (1, 4, height // 8, width // 8)
+        x_T = ddim.initial_noise(generator, shape, self.device, torch.float32)
+        x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generator, progress=progress)
+        return self.decode(x_0)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """UNet latents -> uint8 images (B, H, W, 3)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = self.vae.decode((latents / vae.SCALING_FACTOR).to(vae_dtype)).float()
+        # [-1, 1] -> [0, 255], rounded as diffusers' image processor rounds.
+        x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise UserError(f"--width {width} --height {height}: both must be positive multiples of 8 (the VAE downsamples by 8), e.g. 1024")
