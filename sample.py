@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from model import attention
 from model.checkpoint import UserError
+from model.unet import COMPILE_MODES
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
 # --concept, the first of these found in the prompt is the concept.
@@ -50,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slower first image, faster after)")
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+                   help="torch.compile: alone or `regional`, the UNet's repeated blocks (seconds to compile); "
+                        "`full`, the whole UNet and the VAE decoder (minutes to compile, fastest after)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the models in CPU memory and move each to the GPU only while it runs (small GPUs)")
     return p.parse_args(argv)
 
 
@@ -67,6 +72,10 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for Apple's MPS but this PyTorch or machine has none; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -170,9 +179,11 @@ def main(argv=None):
     paths = output_paths(args.out, len(names), names)
 
     print(f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
-    model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
+    model = SDXL.load(weights, device="cpu" if args.offload else device, dtype=dtype, vae_path=args.vae)
+    if args.offload:
+        model.enable_offload(device)
     if args.compile:
-        model.unet = torch.compile(model.unet)
+        model.compile(args.compile)
     subjects = subjects_from_codes(args.code, concepts, args.mapper, device, dtype) if args.code else None
 
     images = []

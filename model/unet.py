@@ -489,3 +489,38 @@ def build(sd: dict[str, torch.Tensor]) -> UNet:
         unet = UNet(cfg)
     # The official file's UNet part holds exactly the module's tensors: nothing to ignore.
     return load_strict(unet, sd, "UNet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed: torch.compile
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_MODES = ("regional", "full")
+
+
+def compile_unet(unet: UNet, mode: str = "regional") -> UNet:
+    """torch.compile the UNet in place (same object, same parameter names) and return it.
+
+    regional  every BasicTransformerBlock and every ResBlock is compiled on its own. The 70
+              transformer blocks of SDXL share two compiled graphs (one per width), the 22
+              ResBlocks twelve (one per input/output width and resolution): small graphs,
+              compiled in seconds, so the first image comes quickly. The rest of the UNet
+              (embeddings, norms around the transformers, up/downsampling) stays eager.
+    full      the whole forward pass as one graph: the most fusion, the longest compilation.
+
+    Shapes are static: each image size and batch compiles once, and a new size compiles anew
+    instead of switching to slower shape-generic kernels. The timestep reaches the UNet as a
+    tensor, so the steps of a sampling loop never recompile (tests/test_speed.py fails on it)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    # PITFALL: dynamo keeps at most `recompile_limit` (8) compiled versions of one function;
+    # past that, with fullgraph=True, it raises. Regional compilation of SDXL needs twelve
+    # versions of ResBlock.forward per image size and batch, so the limit is raised.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if mode == "full":
+        unet.compile(dynamic=False, fullgraph=True)
+        return unet
+    for module in unet.modules():
+        if isinstance(module, (BasicTransformerBlock, ResBlock)):
+            module.compile(dynamic=False, fullgraph=True)
+    return unet

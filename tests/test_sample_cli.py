@@ -1,0 +1,207 @@
+"""`python sample.py` as a user runs it: CoCoIns codes, and one clear `error:` line for every mistake.
+
+A tiny SDXL (tests/tiny_sdxl.py, random weights) and a random, untrained mapper stand in for the
+real ones: an untrained mapper still maps each code to its own pseudo-word, which is all these
+tests need (same code -> same image, other code -> other image, a code changes the image).
+Image parity with diffusers is tests/test_pipeline.py's job; loading details are tests/test_sdxl.py's.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from model.mapper import Mapper, MapperConfig, embedding_stats, save_mapper
+from model.sdxl import SDXL
+from tests.test_sdxl import FOREIGN
+from tests.tiny_sdxl import _randomize, save_tiny_sdxl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64
+FAST = ["--steps", 2, "--width", SIZE, "--height", SIZE, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(single file, diffusers folder, mapper file): a tiny SDXL and a random mapper for its encoders."""
+    root = str(tmp_path_factory.mktemp("tiny_sdxl"))
+    _, folder, single = save_tiny_sdxl(root)
+    model = SDXL.load(single)
+    stats = [embedding_stats(model.clip_l.text_model.embeddings.token_embedding.weight),
+             embedding_stats(model.clip_g.token_embedding.weight)]
+    config = MapperConfig(z_dim=16, depth=2, hidden=32, token_widths=tuple(m.numel() for m, _ in stats))
+    mapper = os.path.join(root, "mapper.safetensors")
+    save_mapper(mapper, Mapper(config, stats))
+    return single, folder, mapper
+
+
+def run_sample(*args, env=None, code=None):
+    """Run sample.py (or `code`, a Python snippet standing in for it) in a fresh interpreter;
+    `env` sets variables (None removes one). No GPU is visible, so runs are the same everywhere,
+    and one thread each, so two runs share the two cores CI has."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    command = [sys.executable, "-c", code] if code else [sys.executable, os.path.join(ROOT, "sample.py")]
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def run_all(commands: dict) -> dict:
+    """name -> run_sample keyword arguments  =>  name -> result, two processes at a time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_sample, *kw.pop("args"), **kw) for name, kw in commands.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def image(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+READING, SURFING = "a woman reading a book", "a woman surfing a wave"
+# --code runs the tests below compare: name -> arguments (after the weights, mapper, seed, out).
+CODE_RUNS = {
+    "code1": ["--code", 1, "--prompt", READING, "--prompt", SURFING],
+    "code1_again": ["--code", 1, "--prompt", READING],
+    "code2": ["--code", 2, "--prompt", READING],
+    "no_code": ["--prompt", READING],
+    "two_subjects": ["--code", 1, "--concept", "man", "--code", 2, "--concept", "woman",
+                     "--prompt", "a man and a woman talking in a park"],
+}
+# Mistakes: name -> (arguments after --weights, what the one error line must say).
+MISTAKES = {
+    "width_not_multiple_of_8": (["--prompt", "a cat", "--width", 1020], "multiples of 8"),
+    "height_not_multiple_of_8": (["--prompt", "a cat", "--height", 1001], "multiples of 8"),
+    "empty_prompt": (["--prompt", " "], "every --prompt must be non-empty"),
+    "unknown_device": (["--prompt", "a cat", "--device", "tpu"], "unknown --device 'tpu'"),
+    "cuda_without_cuda": (["--prompt", "a cat", "--device", "cuda"], "sees no CUDA GPU; use --device cpu"),
+    "mps_without_mps": (["--prompt", "a cat", "--device", "mps"], "has none; use --device cpu"),
+    "png_for_several_images": (["--prompt", "a cat", "--num-images", 2, "--out", "x.png"], "names one file but 2 images"),
+    "zero_images": (["--prompt", "a cat", "--num-images", 0], "ask for at least one image"),
+    "zero_steps": (["--prompt", "a cat", "--steps", 0], "use at least 1 step"),
+    "code_without_mapper": (["--prompt", "a woman", "--code", 1, "--mapper", "no/mapper.safetensors"],
+                            "train one with `python train.py"),
+    "concept_without_code": (["--prompt", "a woman", "--concept", "woman"], "--concept needs a --code"),
+    # These two load the model before the prompt is tokenized (--mapper is added below).
+    "concept_not_in_prompt": (["--code", 1, "--concept", "dog", "--prompt", "a woman reading"],
+                              "the concept word 'dog' does not appear in the prompt 'a woman reading'"),
+    "no_concept_word_in_prompt": (["--code", 1, "--prompt", "a lighthouse"], "name one per code with --concept WORD"),
+}
+NOT_SDXL = ["sd1", "truncated", "folder_without_vae"]  # tests/test_sdxl.py FOREIGN cases, run through sample.py
+# Runs sample.py as `python sample.py` would, with model/sdxl.py's weights/ folder pointed elsewhere
+# (a developer's checkout may hold the real weights).
+SAMPLE_WITH_WEIGHTS_DIR = (
+    "import runpy, sys; import model.sdxl as sdxl; sdxl.WEIGHTS_DIR = sys.argv[1]; "
+    "sys.argv = ['sample.py'] + sys.argv[2:]; runpy.run_path('sample.py', run_name='__main__')"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """Every sample.py run of this file, made once, two at a time: name -> (result, output path)."""
+    single, folder, mapper = tiny
+    tmp = tmp_path_factory.mktemp("runs")
+    commands, outs = {}, {}
+    for name, args in CODE_RUNS.items():
+        outs[name] = tmp / name
+        commands[name] = dict(args=["--weights", single, "--mapper", mapper, "--seed", 0, "--out", outs[name], *FAST, *args])
+    # --vae: the no_code run again with another VAE.
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae")))
+    _randomize(other, torch.Generator().manual_seed(1))
+    other.save_pretrained(tmp / "other_vae", safe_serialization=True)
+    outs["other_vae"] = tmp / "other_vae.png"
+    commands["other_vae"] = dict(args=["--weights", single, "--vae", tmp / "other_vae", "--seed", 0,
+                                       "--out", outs["other_vae"], "--prompt", READING, *FAST])
+    for name, (args, _) in MISTAKES.items():
+        commands[name] = dict(args=["--weights", single, "--mapper", mapper, "--out", tmp / name, *FAST, *args])
+    for kind in NOT_SDXL:
+        os.makedirs(tmp / kind)
+        path = FOREIGN[kind][0](str(tmp / kind), single, folder)
+        commands[kind] = dict(args=["--weights", path, "--prompt", "a cat", "--out", tmp / kind, *FAST])
+    home = tmp / "home"
+    env = {var: None for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
+    commands["no_weights"] = dict(args=[tmp / "empty_weights", "--prompt", "a cat", "--out", home, *FAST],
+                                  env={**env, "HOME": str(home)}, code=SAMPLE_WITH_WEIGHTS_DIR)
+    return {name: (r, outs.get(name)) for name, r in run_all(commands).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# --code
+# ----------------------------------------------------------------------------------------------
+
+def output(runs, name, file=None):
+    r, out = runs[name]
+    assert r.returncode == 0, f"{name}: {r.stderr}"
+    return image(out / file if file else out)
+
+
+def test_same_code_gives_the_same_image_in_a_new_process(runs):
+    first = output(runs, "code1", "000-seed0-code1.png")
+    assert first.std() > 10  # a real image, not a flat one
+    assert np.array_equal(first, output(runs, "code1_again", "000-seed0-code1.png"))
+
+
+def test_a_code_works_across_prompts(runs):
+    files = sorted(p.name for p in runs["code1"][1].glob("*.png"))
+    assert files == ["000-seed0-code1.png", "001-seed0-code1.png", "contact_sheet.png"]
+    reading, surfing = (output(runs, "code1", f) for f in files[:2])
+    assert np.abs(reading - surfing).mean() > 1
+
+
+def test_different_codes_give_different_images(runs):
+    one, two = output(runs, "code1", "000-seed0-code1.png"), output(runs, "code2", "000-seed0-code2.png")
+    assert np.abs(one - two).mean() > 1
+
+
+def test_the_codes_pseudo_word_changes_the_image(runs):
+    with_code, without = output(runs, "code1", "000-seed0-code1.png"), output(runs, "no_code", "000-seed0.png")
+    assert np.abs(with_code - without).mean() > 1
+
+
+def test_two_subjects_in_one_prompt_run_and_are_recorded_in_the_png(runs):
+    assert output(runs, "two_subjects", "000-seed0-code1-code2.png").std() > 10
+    png = Image.open(runs["two_subjects"][1] / "000-seed0-code1-code2.png")
+    params = json.loads(png.text["parameters"])
+    assert params["code"] == [1, 2] and params["concept"] == ["man", "woman"]
+    assert "--code 1 --concept man --code 2 --concept woman" in png.text["command"]
+
+
+def test_vae_flag_changes_the_decoded_image(runs):
+    assert np.abs(output(runs, "other_vae") - output(runs, "no_code", "000-seed0.png")).mean() > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes: one `error:` line each, no traceback
+# ----------------------------------------------------------------------------------------------
+
+def assert_one_error_line(r, says: str):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    # Only the status line may come before the error (for mistakes found once the weights are loaded).
+    assert all(line.startswith("loading SDXL from ") for line in lines[:-1]), r.stderr
+    assert lines[-1].startswith("error: ") and says in lines[-1], r.stderr
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.skipif(name == "mps_without_mps" and torch.backends.mps.is_available(),
+                                                reason="this machine has MPS"))
+    for name in MISTAKES])
+def test_a_mistake_ends_in_one_error_line(runs, name):
+    assert_one_error_line(runs[name][0], MISTAKES[name][1])
+
+
+@pytest.mark.parametrize("kind", NOT_SDXL)
+def test_a_checkpoint_that_is_not_sdxl_ends_in_one_error_line(runs, kind):
+    assert_one_error_line(runs[kind][0], FOREIGN[kind][1])
+
+
+def test_no_weights_anywhere_says_how_to_download_them(runs):
+    r = runs["no_weights"][0]
+    assert_one_error_line(r, "no SDXL weights found")
+    assert "run `python weights/download.py`" in r.stderr and "--weights PATH" in r.stderr
