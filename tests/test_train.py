@@ -1,0 +1,413 @@
+"""train.py on a scaled-down SDXL and a tiny CelebA, run as a user runs it.
+
+The SDXL is tests/tiny_sdxl.py's (random weights, real topology, 64x64 images -> 8x8 latents);
+the data is six CelebA-format images with attribute and landmark tables (tests/test_data.py).
+Runs that need a hook (a kill, a NaN, a look at the loaded model) call `train.main(argv)` in
+this process; the others start `python train.py` / `torchrun` as a user would. Everything runs
+on one CPU thread: the models are tiny, and several threads on a shared 2-core machine mostly wait
+for each other.
+"""
+
+import hashlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from losses import LossConfig, cocoins_loss
+from model.checkpoint import UserError, read_metadata
+from model.ddim import add_noise, alpha_bars, x0_from_eps
+from model.mapper import Mapper, MapperConfig, embedding_stats, load_mapper
+from model.sdxl import MISSING_WEIGHTS, SDXL
+from tests.test_data import make_celeba
+from tests.tiny_sdxl import save_tiny_sdxl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64
+LOG_KEYS = {"step", "loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "lambda_neg", "grad_norm"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    _, folder, single = save_tiny_sdxl(str(root / "sdxl"))
+    make_celeba(str(root / "celeba"), n=6)  # 6 images, batch 2: an epoch is 3 steps
+    return SimpleNamespace(root=root, weights=single, folder=folder, data=str(root / "celeba"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def argv(tiny, out, *extra, steps=3):
+    args = ["--data", tiny.data, "--weights", tiny.weights, "--out", out, "--resolution", SIZE, "--batch-size", 2,
+            "--steps", steps, "--num-workers", 0, "--device", "cpu", "--sample-every", 0, *extra]
+    return [str(a) for a in args]
+
+
+def run(script, *args, torchrun=False):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    launcher = [sys.executable]
+    if torchrun:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def mapper_tensors(out):
+    return load_file(os.path.join(out, "mapper.safetensors"))
+
+
+def sdxl_digest(model: SDXL) -> str:
+    h = hashlib.sha256()
+    for module in (model.unet, model.vae, model.clip_l, model.clip_g):
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """`python train.py` for 3 steps, checkpoints every 2, samples at the end."""
+    out = tiny.root / "runs" / "user"
+    r = run("train.py", *argv(tiny, out, "--checkpoint-every", 2, "--sample-every", 3))
+    assert r.returncode == 0, r.stderr
+    return SimpleNamespace(out=str(out), stderr=r.stderr)
+
+
+# -- a run as users start it -----------------------------------------------------------------
+
+
+def test_train_py_logs_every_loss_term_of_every_step(trained):
+    log = read_log(trained.out)
+    assert [row["step"] for row in log] == [1, 2, 3]
+    for row in log:
+        assert set(row) == LOG_KEYS
+        assert all(math.isfinite(v) for v in row.values())
+        assert row["d_neg"] > 0 and row["l_pos"] > 0 and row["l_back"] > 0
+        # λ_neg = γ·(k/K)^β with the defaults γ = 1e-3, β = 1, K = 3
+        assert row["lambda_neg"] == pytest.approx(1e-3 * row["step"] / 3)
+        # L = λ_con·(l_pos + λ_neg·l_neg) + λ_back·l_back with λ_con = λ_back = 1
+        assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
+        assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"], rel=1e-5)
+    assert "6 images" in trained.stderr  # the data summary line
+
+
+def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trained):
+    path = os.path.join(trained.out, "mapper.safetensors")
+    f = load_mapper(path)
+    assert f.config.z_dim == 512 and f.config.token_widths == (64, 128)  # read from the tiny encoders
+    meta = read_metadata(path)
+    assert meta["step"] == "3"
+    assert json.loads(meta["training_args"])["resolution"] == SIZE
+    state = torch.load(os.path.join(trained.out, "state.pt"), weights_only=True)
+    assert state["step"] == 3 and (state["epoch"], state["position"]) == (0, 3)
+    for name, tensor in mapper_tensors(trained.out).items():
+        assert torch.equal(state["mapper"][name], tensor)
+
+
+def test_train_py_draws_a_sample_grid_of_codes_by_prompts(trained):
+    from PIL import Image
+
+    grid = Image.open(os.path.join(trained.out, "samples", "step_000003.png"))
+    assert grid.size == (len(train.SAMPLE_PROMPTS) * SIZE, len(train.SAMPLE_CODES) * SIZE)
+
+
+def test_sample_py_code_generates_with_the_trained_mapper(trained, tiny, tmp_path):
+    out = tmp_path / "image.png"
+    r = run("sample.py", "--weights", tiny.weights, "--mapper", os.path.join(trained.out, "mapper.safetensors"),
+            "--code", 7, "--prompt", "a photo of a woman", "--steps", 2, "--width", SIZE, "--height", SIZE,
+            "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+
+
+def test_an_existing_run_is_never_overwritten_without_resume(trained, tiny):
+    before = mapper_tensors(trained.out)
+    r = run("train.py", *argv(tiny, trained.out))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {trained.out} already holds a training run; pass --resume to continue it, or choose another --out")
+    after = mapper_tensors(trained.out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_without_a_run_is_a_user_error(tiny, tmp_path):
+    with pytest.raises(UserError, match="no run to continue"):
+        train.main(argv(tiny, tmp_path / "empty", "--resume"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", 0], "--batch-size 0 must be positive"),
+    (["--resolution", 60], "multiple of 8"),
+    (["--t-min", 800, "--t-max", 200], "t-min < t-max"),
+    (["--steps", 0], "--steps 0 must be positive"),
+])
+def test_bad_numbers_are_one_sentence_user_errors(tiny, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        train.main(argv(tiny, tmp_path / "run", *flags))
+
+
+def test_a_folder_without_celeba_is_a_user_error(tiny, tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    args = argv(tiny, tmp_path / "run")
+    args[args.index("--data") + 1] = str(empty)
+    with pytest.raises(UserError, match="no CelebA found"):
+        train.main(args)
+
+
+def test_missing_weights_say_how_to_get_them(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "find_default_weights", lambda: None)
+    args = argv(tiny, tmp_path / "run")
+    del args[args.index("--weights"):args.index("--weights") + 2]
+    with pytest.raises(UserError) as e:
+        train.main(args)
+    assert str(e.value) == MISSING_WEIGHTS
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--data", "--weights", "--vae", "--out", "--cache-dir", "--resume", "--steps", "--batch-size",
+                 "--resolution", "--split", "--crop", "--lr", "--weight-decay", "--z-dim", "--depth", "--hidden",
+                 "--gamma", "--beta", "--lambda-con", "--lambda-back", "--distance", "--t-min", "--t-max",
+                 "--checkpoint-every", "--sample-every", "--seed", "--device", "--dtype", "--grad-checkpointing",
+                 "--compile", "--attention", "--num-workers"):
+        assert flag in text
+    assert "(default: 10000)" in text and "(default: runs/cocoins)" in text and "(default: 200)" in text
+    assert "(default: 0)" in text and "(default: None)" not in text
+
+
+# -- only f trains ---------------------------------------------------------------------------
+
+
+def test_training_changes_the_mapper_and_leaves_sdxl_bit_identical(tiny, tmp_path, monkeypatch):
+    loaded, initial = [], {}
+    original_load, original_step = SDXL.load, train.cocoins_step
+
+    def load(*args, **kwargs):
+        loaded.append(original_load(*args, **kwargs))
+        return loaded[-1]
+
+    def step(model, f, *args):
+        if not initial:
+            initial.update({k: v.detach().clone() for k, v in f.state_dict().items()})
+        return original_step(model, f, *args)
+
+    monkeypatch.setattr(SDXL, "load", load)
+    monkeypatch.setattr(train, "cocoins_step", step)
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--grad-checkpointing", steps=2))
+
+    (model,) = loaded
+    assert model.unet.gradient_checkpointing
+    assert sdxl_digest(model) == sdxl_digest(SDXL.load(tiny.weights))
+    assert not any(p.requires_grad for m in (model.unet, model.vae, model.clip_l, model.clip_g) for p in m.parameters())
+    trained = mapper_tensors(out)
+    for name, tensor in trained.items():
+        if name.endswith("token_mean") or name.endswith("token_std"):
+            assert torch.equal(tensor, initial[name])  # the encoders' statistics are buffers, never trained
+        elif name.endswith("weight"):
+            assert not torch.equal(tensor, initial[name]), f"{name} did not train"
+
+
+# -- checkpoints, resume, NaN ----------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands in for a kill -9 in the middle of a step."""
+
+
+def test_a_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny, tmp_path, monkeypatch):
+    # 4 steps of batch 2 over 6 images: the resumed part crosses an epoch boundary.
+    common = ("--checkpoint-every", 2)
+    whole = tmp_path / "whole"
+    train.main(argv(tiny, whole, *common, steps=4))
+
+    calls, original_step = [], train.cocoins_step
+
+    def step_then_die(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed  # steps 1-3 done, the checkpoint holds step 2: step 3 is lost
+        return original_step(*args)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(train, "cocoins_step", step_then_die)
+    with pytest.raises(Killed):
+        train.main(argv(tiny, killed, *common, steps=4))
+    assert torch.load(killed / "state.pt", weights_only=True)["step"] == 2
+    assert [row["step"] for row in read_log(killed)] == [1, 2, 3]
+
+    monkeypatch.setattr(train, "cocoins_step", original_step)
+    train.main(argv(tiny, killed, *common, "--resume", steps=4))
+    a, b = mapper_tensors(whole), mapper_tensors(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(killed) == read_log(whole)  # step 3 logged once, with the same numbers
+    state_a = torch.load(whole / "state.pt", weights_only=True)["optimizer"]["state"]
+    state_b = torch.load(killed / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    at_step_2 = {}
+
+    def loss_nan_at_step_3(*args):
+        terms = cocoins_loss(*args)
+        if args[6] == 3:  # k
+            at_step_2.update(mapper_tensors(out))
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(train, "cocoins_loss", loss_nan_at_step_3)
+    with pytest.raises(UserError, match=r"the loss became nan at step 3, so training stopped without taking it "
+                                        r"\(.*mapper.safetensors and state.pt still hold step 2\)"):
+        train.main(argv(tiny, out, "--checkpoint-every", 2, steps=4))
+    after = mapper_tensors(out)
+    assert at_step_2 and all(torch.equal(after[k], at_step_2[k]) for k in after)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+    assert read_metadata(str(out / "mapper.safetensors"))["step"] == "2"
+
+
+# -- the step function -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def step_case(tiny):
+    """The tiny SDXL, a small f and one batch of two images with different concept words."""
+    model = SDXL.load(tiny.weights)
+    torch.manual_seed(0)
+    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
+    f = Mapper(MapperConfig(z_dim=16, depth=2, hidden=32, token_widths=(64, 128)), [embedding_stats(t) for t in tables])
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "captions": [("a photo of a young man with a beard", "a man smiling"),
+                     ("a close-up of a woman", "a portrait photo of a woman wearing glasses")],
+        "concept": ["man", "woman"],
+        "mask": torch.rand(2, 1, 8, 8, generator=g),
+        "time_ids": torch.tensor([[218.0, 178, 0, 0, 64, 64], [218.0, 178, 10, 2, 64, 64]]),
+    }
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    noise = train.draw_noise(seed=0, rank=0, step=5, B=2, latent_shape=(4, 8, 8), z_dim=16, t_min=200, t_max=800)
+    return model, f, x0, batch, noise
+
+
+def five_separate_passes(model, f, x0, batch, noise, k, K, config):
+    """Eq. 5-9 written out pass by pass, each prompt encoded alone through SDXL.encode_prompt."""
+    alpha_bar_t = alpha_bars()[noise.t]
+    x_t_anchor = add_noise(x0, noise.eps1, alpha_bar_t)  # = x_t of the negative
+    x_t_pos = add_noise(x0, noise.eps2, alpha_bar_t)
+    w1, w2 = f(noise.z1), f(noise.z2)
+
+    def encode(which, w=None):
+        rows = []
+        for b, (captions, concept) in enumerate(zip(batch["captions"], batch["concept"])):
+            subjects = None if w is None else [(w[0][b], w[1][b], concept)]
+            rows.append(model.encode_prompt([captions[which]], subjects))
+        return torch.cat([c for c, _ in rows]), torch.cat([p for _, p in rows])
+
+    def x0_hat(x_t, conditioning):
+        context, pooled = conditioning
+        return x0_from_eps(x_t, model.unet(x_t, noise.t, context, pooled, batch["time_ids"]), alpha_bar_t)
+
+    x_anchor = x0_hat(x_t_anchor, encode(0, w1))
+    x_pos = x0_hat(x_t_pos, encode(1, w1))
+    x_neg = x0_hat(x_t_anchor, encode(0, w2))
+    with torch.no_grad():
+        x1 = x0_hat(x_t_anchor, encode(0))
+        x2 = x0_hat(x_t_pos, encode(1))
+    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, batch["mask"], k, K, config)
+
+
+def loss_and_grads(fn, f, *args):
+    f.zero_grad(set_to_none=True)
+    terms = fn(*args)
+    terms.total.backward()
+    return terms, {name: p.grad.clone() for name, p in f.named_parameters()}
+
+
+def test_batched_3b_and_2b_passes_equal_five_separate_passes(step_case):
+    model, f, x0, batch, noise = step_case
+    config = LossConfig(gamma=0.5)  # a weighty negative term, so its gradient counts in the comparison
+    batched, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, config)
+    separate, expected = loss_and_grads(five_separate_passes, f, model, f, x0, batch, noise, 3, 4, config)
+    for name in ("total", "l_con", "l_pos", "l_neg", "d_neg", "l_back"):
+        assert torch.allclose(getattr(batched, name), getattr(separate, name), rtol=1e-5), name
+    assert batched.lambda_neg == separate.lambda_neg == 0.5 * 3 / 4
+    for name, g in expected.items():
+        assert g.abs().max() > 0, f"no gradient reaches {name}"
+        # float32 sums in another order, amplified by the reciprocal's 1/d²: agreement to 1e-4 of
+        # the gradient's size (a wrong noise, prompt or code in any pass changes it by O(1))
+        assert (grads[name] - g).norm() <= 1e-4 * g.norm(), name
+    # gradients flow through SDXL but never into it
+    assert all(p.grad is None for m in (model.unet, model.clip_l, model.clip_g) for p in m.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(step_case):
+    model, f, x0, batch, noise = step_case
+    plain, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
+    model.unet.gradient_checkpointing = True
+    try:
+        checkpointed, grads_ckpt = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
+    finally:
+        model.unet.gradient_checkpointing = False
+    assert torch.equal(plain.total, checkpointed.total)
+    for name, g in grads.items():
+        assert torch.allclose(grads_ckpt[name], g, rtol=1e-6, atol=1e-9), name
+
+
+def test_step_noise_is_a_function_of_seed_rank_and_step():
+    draw = lambda seed, rank, step: train.draw_noise(seed, rank, step, 2, (4, 8, 8), 16, 200, 800)  # noqa: E731
+    a, b = draw(0, 0, 7), draw(0, 0, 7)
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("z1", "z2", "eps1", "eps2", "t"))
+    assert not torch.equal(a.z1, a.z2) and not torch.equal(a.eps1, a.eps2)
+    assert ((a.t >= 200) & (a.t < 800)).all()
+    for other in (draw(1, 0, 7), draw(0, 1, 7), draw(0, 0, 8)):
+        assert not torch.equal(a.eps1, other.eps1)
+
+
+def test_vae_fingerprint_follows_the_weights_not_the_file_layout(tiny):
+    single, folder = SDXL.load(tiny.weights), SDXL.load(tiny.folder)
+    assert train.vae_fingerprint(single) == train.vae_fingerprint(folder)
+    with torch.no_grad():
+        single.vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    assert train.vae_fingerprint(single) != train.vae_fingerprint(folder)
+
+
+# -- several processes -----------------------------------------------------------------------
+
+
+def test_two_torchrun_cpu_processes_train_with_gloo(tiny):
+    out = tiny.root / "runs" / "ddp"
+    # 6 images over 2 ranks of batch 2: one step per epoch, so 2 steps cross an epoch.
+    r = run("train.py", *argv(tiny, out, steps=2), torchrun=True)
+    assert r.returncode == 0, r.stderr
+    log = read_log(out)
+    assert [row["step"] for row in log] == [1, 2]  # rank 0 alone writes
+    assert all(math.isfinite(row["loss"]) for row in log)
+    assert load_mapper(str(out / "mapper.safetensors")).config.z_dim == 512

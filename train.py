@@ -1,0 +1,592 @@
+"""Train the CoCoIns mapping network f on CelebA (paper section 3.3, eq. 5-9).
+
+    python train.py --data celeba/
+    python train.py --data celeba/ --resume                     # continue a stopped run
+    torchrun --nproc_per_node=8 train.py --data celeba/        # data-parallel over 8 GPUs
+
+One step, for a batch of B images with latents x, two captions P1, P2 each naming the subject
+with a concept word ("woman"), and a subject mask m:
+
+    z1, z2 ~ N(0, I)            two codes per image (eq. 3), drawn fresh every step
+    w1, w2 = f(z1), f(z2)       pseudo-words, one per text encoder
+    e* = insert(e1, w1, i)      anchor:   P1 with code z1     (eq. 5; i, j: the concept in P1, P2)
+    e+ = insert(e2, w1, j)      positive: P2 with code z1
+    e- = insert(e1, w2, i)      negative: P1 with code z2
+    x_t* = x_t- = √ᾱ_t·x + √(1−ᾱ_t)·ε1,   x_t+ = √ᾱ_t·x + √(1−ᾱ_t)·ε2     (eq. 6, one t)
+    x̂*, x̂+, x̂-   x̂₀ estimates of the UNet with e*, e+, e-: one pass of 3B, gradients to f
+    x̂1, x̂2       x̂₀ estimates with the plain e1 (on x_t*) and e2 (on x_t+): one pass of 2B, no gradients
+    L = λ_con·L_con + λ_back·L_back            (losses.py, eq. 7-9), AdamW on f alone
+
+SDXL (both text encoders, the UNet, the VAE) is frozen; gradients flow *through* the text
+encoders and the UNet into f. Classifier-free guidance dropout is not used: f never meets an
+empty prompt (a pseudo-word needs its concept word), and SDXL itself is not trained.
+
+A run folder (--out) holds:
+    mapper.safetensors          the trained f, for `sample.py --mapper` (config + arguments as metadata)
+    state.pt                    everything --resume needs: f, AdamW, step, data position, RNG states
+    log.jsonl                   one line of loss terms per step
+    samples/step_XXXXXX.png     fixed codes (rows) in fixed prompts (columns), to watch consistency emerge
+Both checkpoint files are replaced atomically, every --checkpoint-every steps and at the end.
+VAE latents are computed once and cached (--cache-dir), keyed by the VAE's weights.
+
+Read next: sample.py (using the trained mapper).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from data import CelebA, DataConfig, LatentCache, collate
+from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
+from model import attention, clip, ddim
+from model.checkpoint import UserError
+from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, insert, save_mapper
+from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
+from model.unet import COMPILE_MODES
+from model.vae import SCALING_FACTOR
+from sample import pick_device, pick_dtype
+
+# What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
+# the same every time, so the grids of successive steps compare cell by cell. A trained f gives
+# one person per row (per concept word) across columns and different people across rows.
+SAMPLE_CODES = (0, 1, 2, 3)
+SAMPLE_PROMPTS = (
+    ("a close-up photo of a woman looking at the camera", "woman"),
+    ("a woman reading a book in a cafe", "woman"),
+    ("a portrait photo of a man, studio lighting", "man"),
+    ("a man hiking in the mountains", "man"),
+)
+SAMPLE_STEPS = 20  # DDIM steps per image: a recognisable face at two thirds of a 30-step image's cost
+SAMPLE_GUIDANCE = 5.0  # sample.py's default
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default is False  # `in (None, False)` would hide a 0
+        return action.help if empty else super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    mapper_defaults, loss_defaults = MapperConfig(), LossConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--data", required=True, help="CelebA or CelebA-HQ folder, in any layout data.py reads")
+    p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache)")
+    p.add_argument("--vae", default=None, help="replacement VAE (file or diffusers folder) for encoding the images")
+    p.add_argument("--out", default=os.path.join("runs", "cocoins"), help="run folder: mapper.safetensors, state.pt, log.jsonl, samples/")
+    p.add_argument("--cache-dir", default=None, help="where VAE latents are cached (default: latent_cache/ beside the run folder, shared by runs; never inside --data, which may be read-only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (without it, an existing run is never overwritten)")
+    # Schedule. 10k steps of batch 4 show each of the paper's 20k training images twice.
+    p.add_argument("--steps", type=int, default=10_000, help="total training steps K (λ_neg reaches γ at step K)")
+    # 4 triplets (12 UNet passes with gradients) fit an 80 GB GPU at 1024 px; less memory: --grad-checkpointing.
+    p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (each gives one triplet)")
+    p.add_argument("--resolution", type=int, default=1024, help="training size in pixels (SDXL's native 1024; latents are 1/8)")
+    p.add_argument("--split", default="all", choices=["all", "train", "valid", "test"], help="CelebA partition (list_eval_partition.txt); f needs no held-out faces")
+    p.add_argument("--crop", default="center", choices=["center", "random"], help="square crop after resizing the shorter side (passed to SDXL's micro-conditioning)")
+    # AdamW moves each weight by about lr per step: 1e-4 lets f's weights (He-initialised, ~0.04)
+    # drift by their own size over the run when the gradient is consistent, and far less when it is noise.
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
+    p.add_argument("--z-dim", type=int, default=mapper_defaults.z_dim, help="c, the width of the latent code z")
+    p.add_argument("--depth", type=int, default=mapper_defaults.depth, help="n, the number of linear layers of f")
+    p.add_argument("--hidden", type=int, default=mapper_defaults.hidden, help="width of f's hidden layers")
+    p.add_argument("--gamma", type=float, default=loss_defaults.gamma, help="γ, the final weight of the negative term (λ_neg = γ·(k/K)^β)")
+    p.add_argument("--beta", type=float, default=loss_defaults.beta, help="β, the shape of the λ_neg ramp (1 = linear)")
+    p.add_argument("--lambda-con", type=float, default=loss_defaults.lambda_con, help="λ_con, the weight of the contrastive loss")
+    p.add_argument("--lambda-back", type=float, default=loss_defaults.lambda_back, help="λ_back, the weight of the background loss")
+    p.add_argument("--distance", default=loss_defaults.distance, choices=list(DISTANCES), help="distance d between x̂₀ estimates")
+    # Timesteps t ~ U[t_min, t_max). Below 200 (ᾱ > 0.75) x_t already shows the face: x̂₀ is
+    # the image whatever the pseudo-word says, so the positive term is trivially small and
+    # 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04), x̂₀ = (x_t −
+    # √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by more than 5 (by 15 at t = 999): the
+    # estimate is an amplified blur in which a face's identity is noise. In between, the
+    # pseudo-word decides who appears and x̂₀ shows it.
+    p.add_argument("--t-min", type=int, default=200, help="smallest training timestep (inclusive)")
+    p.add_argument("--t-max", type=int, default=800, help="largest training timestep (exclusive, at most 1000)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a killed run loses at most this many)")
+    p.add_argument("--sample-every", type=int, default=500, help=f"steps between sample grids in OUT/samples/ ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, {SAMPLE_STEPS} DDIM steps; 0 = never)")
+    p.add_argument("--seed", type=int, default=0, help="seed of f's initialisation, the codes, noises and timesteps, crops and captions")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: each process's own GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="dtype of the frozen SDXL (auto = bfloat16 on CUDA, float32 elsewhere); f and the losses stay float32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's blocks in backward instead of storing them: far less memory, slower steps")
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the UNet: alone or `regional`, its repeated blocks (seconds to compile); `full`, "
+                        "the whole UNet (minutes to compile, fastest after); the grad and no-grad passes compile once each")
+    p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per training process (0 = load in the main process)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """The numbers a user can get wrong, each with one sentence, before anything is loaded."""
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--resolution": args.resolution,
+                "--checkpoint-every": args.checkpoint_every, "--z-dim": args.z_dim, "--depth": args.depth,
+                "--hidden": args.hidden, "--lr": args.lr}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{flag} {value} must be positive")
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples by 8), e.g. 1024")
+    if not 0 <= args.t_min < args.t_max <= ddim.T:
+        raise UserError(f"--t-min {args.t_min} --t-max {args.t_max}: need 0 <= t-min < t-max <= {ddim.T}")
+    if args.sample_every < 0 or args.num_workers < 0 or args.seed < 0 or args.weight_decay < 0:
+        raise UserError("--sample-every, --num-workers, --seed and --weight-decay must not be negative")
+
+
+# ----------------------------------------------------------------------------------------------
+# The randomness of one step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepNoise:
+    z1: Tensor  # (B, c) the code of the anchor and the positive
+    z2: Tensor  # (B, c) the code of the negative
+    eps1: Tensor  # (B, 4, h, w) ε1, the noise of the anchor and the negative
+    eps2: Tensor  # (B, 4, h, w) ε2, the noise of the positive
+    t: Tensor  # (B,) the timestep, shared by the three samples of a triplet
+
+
+def draw_noise(seed: int, rank: int, step: int, B: int, latent_shape, z_dim: int, t_min: int, t_max: int) -> StepNoise:
+    """The codes, noises and timesteps of one step, a pure function of (seed, rank, step).
+
+    A fresh CPU generator per step means a resumed run draws exactly what the uninterrupted
+    run drew, on any device, with no generator state to carry; each rank draws its own."""
+    g = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
+    # z ~ N(0, I) directly, the paper's eq. 3: a fresh pair of codes per image and step covers
+    # the whole code space sample.py draws from (code_to_z is that same N(0, I) seeded by an
+    # integer; integer codes here would add nothing but a generator per code). Two independent
+    # draws in c = 512 dimensions are never equal, so z1 ≠ z2.
+    z1, z2 = torch.randn(2, B, z_dim, generator=g)
+    eps1, eps2 = torch.randn(2, B, *latent_shape, generator=g)
+    t = torch.randint(t_min, t_max, (B,), generator=g)
+    return StepNoise(z1, z2, eps1, eps2, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_with_pseudo_words(model: SDXL, prompts: list[str], concepts: list[str], w_l: Tensor, w_g: Tensor):
+    """SDXL.encode_prompt with one pseudo-word per prompt, inserted before that prompt's own concept word.
+
+    w_l (N, 768) and w_g (N, 1280) for N prompts (SDXL.encode_prompt takes one concept word for
+    the whole batch; a training batch mixes "man" and "woman"). -> (context (N, 77, 2048), pooled)."""
+    outputs = []
+    for tok, encoder, w in ((model.tok_l, model.clip_l, w_l), (model.tok_g, model.clip_g, w_g)):
+        ids = tok(prompts)  # on the CPU, where the positions are looked up without a device sync
+        # i: the concept's first token in each prompt, where its pseudo-word goes (eq. 4)
+        i = torch.tensor([find_concept(row, tok.encode(c), word=c, prompt=p)
+                          for row, c, p in zip(ids.tolist(), concepts, prompts)])
+        eos = clip.eos_positions(ids)
+        ids, i, eos = ids.to(model.device), i.to(model.device), eos.to(model.device)
+        e_hat, eos_hat = insert(encoder.embed(ids), w, i, eos)
+        outputs.append(encoder(e_hat, eos_hat))
+    # PITFALL: both encoders' *penultimate* states, concatenated; bigG's pooled at the shifted EOS.
+    return torch.cat([outputs[0].penultimate, outputs[1].penultimate], dim=-1), outputs[1].pooled
+
+
+def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor, pooled: Tensor,
+               time_ids: Tensor) -> Tensor:
+    """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t from one UNet pass, in float32."""
+    eps_hat = model.unet(x_t, t, context, pooled, time_ids).float()
+    return ddim.x0_from_eps(x_t, eps_hat, alpha_bar_t)
+
+
+def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: int, K: int, loss_config: LossConfig) -> LossTerms:
+    """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
+
+    x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
+    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β."""
+    device = model.device
+    P1 = [p1 for p1, _ in batch["captions"]]
+    P2 = [p2 for _, p2 in batch["captions"]]
+    concepts = batch["concept"]
+    x0, eps1, eps2 = x0.to(device).float(), noise.eps1.to(device), noise.eps2.to(device)
+    t = noise.t.to(device)
+    alpha_bar_t = ddim.alpha_bars().to(device)[t]  # (B,) float64
+    time_ids = batch["time_ids"].to(device)
+    mask = batch["mask"].to(device)
+
+    # x_t* = x_t- = √ᾱ_t·x + √(1−ᾱ_t)·ε1,  x_t+ = √ᾱ_t·x + √(1−ᾱ_t)·ε2   (eq. 6)
+    x_t1 = ddim.add_noise(x0, eps1, alpha_bar_t)
+    x_t2 = ddim.add_noise(x0, eps2, alpha_bar_t)
+
+    # w1 = f(z1), w2 = f(z2): one pass of f over 2B codes (once per step, as DDP expects).
+    w_l, w_g = f(torch.cat([noise.z1, noise.z2]).to(device))
+    w1_l, w2_l, w1_g, w2_g = (*w_l.chunk(2), *w_g.chunk(2))
+
+    # e* = insert(e1, w1, i), e+ = insert(e2, w1, j), e- = insert(e1, w2, i)   (eq. 5), as one batch
+    context, pooled = encode_with_pseudo_words(
+        model, P1 + P2 + P1, concepts * 3, torch.cat([w1_l, w1_l, w2_l]), torch.cat([w1_g, w1_g, w2_g]))
+    # The three UNet passes with gradients as one of 3B: anchor, positive, negative.
+    x0_hat = predict_x0(model, torch.cat([x_t1, x_t2, x_t1]), t.repeat(3), alpha_bar_t.repeat(3),
+                        context, pooled, time_ids.repeat(3, 1))
+    x_anchor, x_pos, x_neg = x0_hat.chunk(3)
+
+    # x̂1 = x̂(x_t*, e1), x̂2 = x̂(x_t+, e2): the plain prompts, the targets of L_back; no gradients.
+    with torch.no_grad():
+        context0, pooled0 = model.encode_prompt(P1 + P2)
+        x1, x2 = predict_x0(model, torch.cat([x_t1, x_t2]), t.repeat(2), alpha_bar_t.repeat(2),
+                            context0, pooled0, time_ids.repeat(2, 1)).chunk(2)
+
+    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the epoch's batches, latents from the cache
+# ----------------------------------------------------------------------------------------------
+
+
+def vae_fingerprint(model: SDXL) -> str:
+    """A hash of the tensors that make latents (the VAE encoder and quant_conv), for the cache key.
+
+    Content, not file names: the same VAE in either layout shares its latents, and a replaced
+    --vae or a fine-tune never reads another VAE's."""
+    h = hashlib.sha1()
+    for name, tensor in model.vae.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_loader(dataset: CelebA, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
+    """The batches of `epoch` from batch `position` on, this rank's shard (DistributedSampler)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    # Captions and crops depend on the epoch too; workers copy the dataset when the iterator starts.
+    dataset.set_epoch(epoch)
+    # Every batch has B images (drop_last), so shapes never change and resuming is a list slice.
+    indices = list(sampler)[position * args.batch_size:]
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=indices, drop_last=True,
+                                       collate_fn=collate, num_workers=args.num_workers,
+                                       pin_memory=pin_memory)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the log
+# ----------------------------------------------------------------------------------------------
+
+
+def run_files(out: str) -> dict[str, str]:
+    return {name: os.path.join(out, name) for name in ("mapper.safetensors", "state.pt", "log.jsonl")}
+
+
+def rng_states() -> dict:
+    """The global generators' states. The loop itself draws from none of them (draw_noise and
+    data.py seed their own generators), so resuming is exact without them; they are restored so
+    that anything added later that does draw from them (dropout, an augmentation) resumes exactly too."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # as plain Python values, so torch.load(weights_only=True) reads them back
+        "numpy": (kind, key.tolist(), pos, has_gauss, cached),
+    }
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args):
+    """state.pt (all that --resume needs) and mapper.safetensors, each replaced atomically.
+
+    --resume reads only state.pt, which holds f too: a kill between the two renames leaves a
+    mapper.safetensors one checkpoint older at worst, never a resume that mixes two steps."""
+    state = {
+        "step": step,
+        "epoch": epoch,  # the data position: the next batch is batch `position` of `epoch`
+        "position": position,
+        "mapper": f.state_dict(),
+        "mapper_config": asdict(f.config),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_states(),
+        "args": vars(args),
+    }
+    path = run_files(out)["state.pt"]
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".pt.tmp", dir=out)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    save_mapper(run_files(out)["mapper.safetensors"], f,
+                metadata={"step": str(step), "training_args": json.dumps(vars(args))})
+
+
+def load_checkpoint(out: str) -> dict:
+    return torch.load(run_files(out)["state.pt"], map_location="cpu", weights_only=True)
+
+
+def check_run_folder(args):
+    """Never overwrite a trained mapper by accident; --resume needs a checkpoint to resume.
+
+    A folder with only a log (a run stopped before its first checkpoint) holds nothing to lose:
+    a new run starts over in it."""
+    files = run_files(args.out)
+    if args.resume and not os.path.isfile(files["state.pt"]):
+        raise UserError(f"--resume: {args.out} holds no run to continue (no state.pt); drop --resume to start a new run there")
+    if not args.resume and (os.path.exists(files["state.pt"]) or os.path.exists(files["mapper.safetensors"])):
+        raise UserError(f"{args.out} already holds a training run; pass --resume to continue it, or choose another --out")
+
+
+def trim_log(path: str, step: int):
+    """Drop log lines past `step`: those of a stopped run's steps after its last checkpoint."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample grids
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def save_samples(model: SDXL, f: Mapper, path: str, resolution: int):
+    """One grid: a row per code in SAMPLE_CODES, a column per prompt in SAMPLE_PROMPTS."""
+    w_l, w_g = f(torch.stack([code_to_z(code, f.config.z_dim) for code in SAMPLE_CODES]).to(model.device))
+    grid = Image.new("RGB", (len(SAMPLE_PROMPTS) * resolution, len(SAMPLE_CODES) * resolution))
+    for row in range(len(SAMPLE_CODES)):
+        for col, (prompt, concept) in enumerate(SAMPLE_PROMPTS):
+            subjects = [(w_l[row].to(model.dtype), w_g[row].to(model.dtype), concept)]
+            # column = seed: a code must keep its person across noises, as sample.py users expect.
+            image = model.generate(prompt, seed=col, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
+                                   width=resolution, height=resolution, subjects=subjects)
+            grid.paste(Image.fromarray(image), (col * resolution, row * resolution))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def say(rank: int, message: str):
+    if rank == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
+def setup_processes(args):
+    """(device, rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    device = pick_device(args.device)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device, rank, world
+
+
+def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
+    model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
+    for module in (model.unet, model.vae, model.clip_l, model.clip_g):
+        module.requires_grad_(False)  # frozen: gradients pass through SDXL, never into it
+    model.unet.gradient_checkpointing = args.grad_checkpointing
+    if args.compile:
+        # Static shapes (model/unet.py compile_unet): the 3B pass with gradients, the 2B pass
+        # without and the sampling batch each compile once, with the fastest kernels for their shape.
+        model.compile(args.compile)
+    return model
+
+
+def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCache:
+    # A latent is the VAE's mean (not a sample: the cached latent *is* the latent), scaled for the UNet.
+    def encode(images):
+        return model.vae.encode(images.to(model.device)).mode() * SCALING_FACTOR
+
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
+    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model)}", f"dtype={dtype}",
+                                                    f"resolution={args.resolution}", "latent=mode*scaling_factor"])
+    return dataset.cache
+
+
+def new_mapper(model: SDXL, args) -> Mapper:
+    """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
+    torch.manual_seed(args.seed)
+    config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden,
+                          token_widths=(model.clip_l.config.width, model.clip_g.config.width))
+    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
+    return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
+
+
+def resume(args, f: Mapper, optimizer) -> tuple[int, int, int, str]:
+    """Load OUT/state.pt into f and the optimizer; -> (step, epoch, position, changed settings)."""
+    state = load_checkpoint(args.out)
+    fields = state["mapper_config"]
+    saved = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
+    if saved != f.config:
+        raise UserError(f"--resume: the run in {args.out} trains a mapper with --z-dim {saved.z_dim} --depth "
+                        f"{saved.depth} --hidden {saved.hidden} on encoders of widths {saved.token_widths}; pass "
+                        f"the same, or start a new run with another --out")
+    f.load_state_dict(state["mapper"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_states(state["rng"])
+    # The command line wins (e.g. a lower --lr after a NaN, more --steps); say what changed.
+    changed = "".join(f"; {k} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
+                      if k != "resume" and getattr(args, k, v) != v)
+    return state["step"], state["epoch"], state["position"], changed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device, rank, world = setup_processes(args)
+    try:
+        train(args, device, rank, world)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, device: torch.device, rank: int, world: int):
+    # Cheap checks first: a wrong folder must not cost a minute of loading 7 GB.
+    check_run_folder(args)
+    if world > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    weights = args.weights or find_default_weights()
+    if weights is None:
+        raise UserError(MISSING_WEIGHTS)
+    dtype = pick_dtype(args.dtype, device)
+    attention.set_backend(args.attention)
+    dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
+                                seed=args.seed))
+    say(rank, dataset.summary)
+    steps_per_epoch = len(dataset) // world // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} usable images cannot fill one batch of {args.batch_size} on each of {world} "
+                        f"processes; lower --batch-size")
+
+    say(rank, f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})")
+    model = load_frozen_sdxl(args, weights, device, dtype)
+    say(rank, f"VAE latents cached in {attach_latent_cache(dataset, model, args, dtype).dir}")
+    f = new_mapper(model, args)
+    # AdamW on f alone: nothing else is handed to the optimizer, so nothing else can change.
+    optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta,
+                             lambda_con=args.lambda_con, lambda_back=args.lambda_back)
+    step, epoch, position = 0, 0, 0
+    if args.resume:
+        step, epoch, position, changed = resume(args, f, optimizer)
+        say(rank, f"resuming {args.out} at step {step}{changed}")
+    last_checkpoint = step if args.resume else None
+    files = run_files(args.out)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        trim_log(files["log.jsonl"], step)
+    # DDP wraps f alone: it averages f's gradients over the ranks; every rank holds the frozen SDXL.
+    ddp_f = f
+    if world > 1:
+        ddp_f = torch.nn.parallel.DistributedDataParallel(f, device_ids=[device] if device.type == "cuda" else None)
+    latent_shape = (4, args.resolution // 8, args.resolution // 8)
+
+    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
+    log = open(files["log.jsonl"], "a", encoding="utf-8") if rank == 0 else None
+    try:
+        while step < args.steps:
+            if position >= steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            for batch in make_loader(dataset, epoch, position, args, rank, world, device.type == "cuda"):
+                x0 = dataset.cache.fill(batch)
+                noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
+                try:
+                    terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config)
+                    optimizer.zero_grad(set_to_none=True)
+                    terms.total.backward()
+                except torch.cuda.OutOfMemoryError:
+                    raise UserError(f"out of GPU memory at --batch-size {args.batch_size} and --resolution "
+                                    f"{args.resolution}; add --grad-checkpointing or lower --batch-size") from None
+                # ‖∇f‖, for the log and as a finiteness check of every gradient (nothing is clipped).
+                grad_norm = torch.nn.utils.clip_grad_norm_(f.parameters(), float("inf"))
+                values = torch.stack([terms.total, terms.l_con, terms.l_pos, terms.l_neg, terms.d_neg,
+                                      terms.l_back, grad_norm]).detach().float()
+                if world > 1:
+                    dist.all_reduce(values)  # every rank logs, and stops on, the same numbers
+                    values /= world
+                loss, l_con, l_pos, l_neg, d_neg, l_back, grad_norm = values.tolist()  # the step's one sync
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise UserError(diverged(args, step + 1, loss, grad_norm, last_checkpoint))
+                optimizer.step()
+                step, position = step + 1, position + 1
+
+                if rank == 0:
+                    log.write(json.dumps(dict(step=step, loss=loss, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg,
+                                              l_back=l_back, lambda_neg=terms.lambda_neg, grad_norm=grad_norm)) + "\n")
+                    log.flush()
+                    progress.set_postfix_str(f"loss {loss:.4g} con {l_con:.4g} pos {l_pos:.4g} 1/neg {l_neg:.4g} "
+                                             f"d_neg {d_neg:.4g} back {l_back:.4g} λ_neg {terms.lambda_neg:.3g}")
+                    progress.update()
+                done = step == args.steps
+                if step % args.checkpoint_every == 0 or done:
+                    if rank == 0:
+                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
+                    last_checkpoint = step  # every rank knows it, for the NaN message
+                if rank == 0 and args.sample_every and (step % args.sample_every == 0 or done):
+                    save_samples(model, f, os.path.join(args.out, "samples", f"step_{step:06d}.png"), args.resolution)
+                if done:
+                    break
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    mapper_path = files["mapper.safetensors"]
+    say(rank, f"done: {mapper_path} (try `python sample.py --mapper {mapper_path} --code 42 --prompt \"a woman reading\"`)")
+
+
+def diverged(args, step: int, loss: float, grad_norm: float, last_checkpoint: int | None) -> str:
+    """The one sentence for a NaN or infinite loss or gradient."""
+    what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    if last_checkpoint is None:
+        return (f"{what} at step {step}, before any checkpoint; start again with a lower --lr "
+                f"(the same settings repeat every step exactly)")
+    return (f"{what} at step {step}, so training stopped without taking it ({args.out}/mapper.safetensors and "
+            f"state.pt still hold step {last_checkpoint}); continue with --resume and a lower --lr (the same "
+            f"settings repeat every step exactly)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
