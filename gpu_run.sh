@@ -28,5 +28,7 @@ fi
     python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
+# The two DDIM tests that need CUDA (no host-device sync in the loop; initial noise equals diffusers').
+timeout -s INT -k 10 50 python3 -m pytest -q -p no:cacheprovider tests/test_ddim.py -k gpu 2>&1 | tee "$OUT/ddim_gpu.log"
 timeout -s INT -k 20 150 python3 gpu_check.py --budget-s 75 --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
 timeout -s INT -k 20 $((budget + 45)) python3 bench.py --vs-diffusers --budget-s "$budget" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
