@@ -245,8 +245,11 @@ def read_table(path: str, dtype, width: int | None = None):
     return columns, index, table, bad - index.keys()
 
 
-def read_captions(path: str):
-    """captions.jsonl -> ({stem: (captions, concept)}, bad stems); see the module docstring."""
+def read_captions(path: str, caption_ok=None):
+    """captions.jsonl -> ({stem: (captions, concept)}, bad stems); see the module docstring.
+
+    `caption_ok(caption, concept) -> bool`, when given, is a further test a caption must pass
+    (train.py checks with the tokenizer that the concept word survives truncation to 77 tokens)."""
     good, bad = {}, set()
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -262,7 +265,8 @@ def read_captions(path: str):
             word = re.compile(rf"\b{re.escape(str(concept))}\b", re.IGNORECASE)
             captions = captions if isinstance(captions, list) else []
             # distinct captions that name the concept as a whole word
-            usable = list(dict.fromkeys(c for c in captions if isinstance(c, str) and word.search(c)))
+            usable = list(dict.fromkeys(c for c in captions if isinstance(c, str) and word.search(c)
+                                        and (caption_ok is None or caption_ok(c, str(concept)))))
             if len(usable) >= 2:
                 good[_stem(image)] = (usable, str(concept))
             else:
@@ -564,7 +568,7 @@ class CelebA(torch.utils.data.Dataset):
     Captions and random crops depend on (seed, epoch, key): call `set_epoch` before each
     epoch's iterator is created (workers copy the dataset then; no persistent_workers)."""
 
-    def __init__(self, cfg: DataConfig, cache: LatentCache | None = None):
+    def __init__(self, cfg: DataConfig, cache: LatentCache | None = None, caption_ok=None):
         if cfg.resolution <= 0 or cfg.resolution % 8:
             raise UserError(f"resolution {cfg.resolution} must be a positive multiple of 8 (latents are resolution/8)")
         if cfg.crop not in ("center", "random"):
@@ -581,7 +585,7 @@ class CelebA(torch.utils.data.Dataset):
         files = _scan(layout.images)
 
         # Caption sources: captions.jsonl first, the attribute table second.
-        jsonl, bad_jsonl = read_captions(layout.captions) if layout.captions else ({}, set())
+        jsonl, bad_jsonl = read_captions(layout.captions, caption_ok) if layout.captions else ({}, set())
         self.attribute_names, attr_index, self.attributes, bad_attrs = [], {}, None, set()
         if layout.attributes:
             names, attr_index, self.attributes, bad_attrs = read_table(layout.attributes, np.int8)

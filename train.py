@@ -187,6 +187,22 @@ def draw_noise(seed: int, rank: int, step: int, B: int, latent_shape, z_dim: int
 # ----------------------------------------------------------------------------------------------
 
 
+def concept_survives_truncation(tok):
+    """A test for data.py's captions: does the concept word still stand whole in the 77-token
+    prompt after its pseudo-word is inserted? (A long captions.jsonl caption could push it past
+    the truncation point, which would otherwise end the run mid-way.)"""
+    def ok(caption: str, concept: str) -> bool:
+        concept_ids = tok.encode(concept)
+        try:
+            i = find_concept(tok([caption])[0].tolist(), concept_ids, word=concept, prompt=caption)
+        except UserError:
+            return False
+        # After insertion the concept occupies [i + 1, i + 1 + n), which must end before the EOS
+        # at position 76 at the latest.
+        return i + 1 + len(concept_ids) <= clip.CONTEXT_LENGTH - 1
+    return ok
+
+
 def encode_with_pseudo_words(model: SDXL, prompts: list[str], concepts: list[str], w_l: Tensor, w_g: Tensor):
     """SDXL.encode_prompt with one pseudo-word per prompt, inserted before that prompt's own concept word.
 
@@ -491,7 +507,7 @@ def train(args, device: torch.device, rank: int, world: int):
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
     dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
-                                seed=args.seed))
+                                seed=args.seed), caption_ok=concept_survives_truncation(clip.Tokenizer.bundled("eos")))
     say(rank, dataset.summary)
     steps_per_epoch = len(dataset) // world // args.batch_size
     if steps_per_epoch == 0:

@@ -232,6 +232,18 @@ def test_captions_jsonl_wins_and_broken_lines_fall_back_to_attributes(tmp_path):
     assert ds[2]["concept"] == "man"
 
 
+def test_captions_failing_the_caption_test_are_dropped_before_training(tmp_path):
+    make_celeba(tmp_path, n=2)
+    lines = [{"image": "000001.jpg", "concept": "girl",
+              "captions": ["a girl reading", "a girl in a park", "LONG " * 80 + "a girl at the end"]}]
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    ds = CelebA(DataConfig(root=str(tmp_path), resolution=64), caption_ok=lambda caption, concept: len(caption) < 100)
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        assert set(ds[0]["captions"]) == {"a girl reading", "a girl in a park"}
+
+
 # ----------------------------------------------------------------------------------------------
 # Geometry and masks
 

@@ -411,3 +411,16 @@ def test_two_torchrun_cpu_processes_train_with_gloo(tiny):
     assert [row["step"] for row in log] == [1, 2]  # rank 0 alone writes
     assert all(math.isfinite(row["loss"]) for row in log)
     assert load_mapper(str(out / "mapper.safetensors")).config.z_dim == 512
+
+
+def test_captions_whose_concept_would_be_truncated_away_are_refused():
+    from model import clip
+
+    ok = train.concept_survives_truncation(clip.Tokenizer.bundled("eos"))
+    assert ok("a photo of a woman reading", "woman")
+    assert not ok("a photo of a man reading", "woman")  # absent
+    # BOS, 74 words, the concept at position 75, EOS at 76: a full prompt, whose last word
+    # insertion drops to keep the EOS; one word fewer and the concept moves to 75 and survives.
+    assert not ok("red " * 74 + "woman", "woman")
+    assert ok("red " * 73 + "woman", "woman")
+    assert not ok("red " * 80 + "woman", "woman")  # truncated away before insertion
