@@ -146,7 +146,8 @@ class AttnBlock(nn.Module):
         q, k, v = self.q(h), self.k(h), self.v(h)
         B, C, H, W = q.shape
         # one head, C wide: (B, C, H, W) -> (B, 1, H·W, C)
-        q, k, v = (t.reshape(B, 1, C, H * W).transpose(-1, -2) for t in (q, k, v))
+        # (contiguous: fused kernels want the head dimension packed, as it is after a Linear)
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(-1, -2).contiguous() for t in (q, k, v))
         # softmax(q·kᵀ/√C)·v
         # PITFALL: this head is 512 wide and FlashAttention stops at 256; attention() never
         # forces flash on it, even when the user picked the flash backend.
