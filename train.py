@@ -53,7 +53,7 @@ from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
 from model import attention, clip, ddim
 from model.checkpoint import UserError
-from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, insert, save_mapper
+from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
 from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
 from model.unet import COMPILE_MODES
 from model.vae import SCALING_FACTOR
@@ -203,25 +203,6 @@ def concept_survives_truncation(tok):
     return ok
 
 
-def encode_with_pseudo_words(model: SDXL, prompts: list[str], concepts: list[str], w_l: Tensor, w_g: Tensor):
-    """SDXL.encode_prompt with one pseudo-word per prompt, inserted before that prompt's own concept word.
-
-    w_l (N, 768) and w_g (N, 1280) for N prompts (SDXL.encode_prompt takes one concept word for
-    the whole batch; a training batch mixes "man" and "woman"). -> (context (N, 77, 2048), pooled)."""
-    outputs = []
-    for tok, encoder, w in ((model.tok_l, model.clip_l, w_l), (model.tok_g, model.clip_g, w_g)):
-        ids = tok(prompts)  # on the CPU, where the positions are looked up without a device sync
-        # i: the concept's first token in each prompt, where its pseudo-word goes (eq. 4)
-        i = torch.tensor([find_concept(row, tok.encode(c), word=c, prompt=p)
-                          for row, c, p in zip(ids.tolist(), concepts, prompts)])
-        eos = clip.eos_positions(ids)
-        ids, i, eos = ids.to(model.device), i.to(model.device), eos.to(model.device)
-        e_hat, eos_hat = insert(encoder.embed(ids), w, i, eos)
-        outputs.append(encoder(e_hat, eos_hat))
-    # PITFALL: both encoders' *penultimate* states, concatenated; bigG's pooled at the shifted EOS.
-    return torch.cat([outputs[0].penultimate, outputs[1].penultimate], dim=-1), outputs[1].pooled
-
-
 def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor, pooled: Tensor,
                time_ids: Tensor) -> Tensor:
     """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t from one UNet pass, in float32."""
@@ -253,8 +234,9 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
     w1_l, w2_l, w1_g, w2_g = (*w_l.chunk(2), *w_g.chunk(2))
 
     # e* = insert(e1, w1, i), e+ = insert(e2, w1, j), e- = insert(e1, w2, i)   (eq. 5), as one batch
-    context, pooled = encode_with_pseudo_words(
-        model, P1 + P2 + P1, concepts * 3, torch.cat([w1_l, w1_l, w2_l]), torch.cat([w1_g, w1_g, w2_g]))
+    # (each prompt's pseudo-word goes before that prompt's own concept word)
+    context, pooled = model.encode_prompt(
+        P1 + P2 + P1, [(torch.cat([w1_l, w1_l, w2_l]), torch.cat([w1_g, w1_g, w2_g]), concepts * 3)])
     # The three UNet passes with gradients as one of 3B: anchor, positive, negative.
     x0_hat = predict_x0(model, torch.cat([x_t1, x_t2, x_t1]), t.repeat(3), alpha_bar_t.repeat(3),
                         context, pooled, time_ids.repeat(3, 1))

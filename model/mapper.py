@@ -209,13 +209,16 @@ def insert_subjects(e: Tensor, eos_pos: Tensor, ids: Tensor, tokenizer, subjects
     """Insert pseudo-words before named concept words in a batch of tokenized prompts.
 
     e (B, L, D) and eos_pos (B,) from one encoder; ids (B, L) the prompts' token ids from that
-    encoder's tokenizer (anything with `.encode(text) -> list[int]`); `subjects` a list of
-    (w, concept word) with w (D,) for the whole batch or (B, D) per prompt. Returns (ê, eos_hat)."""
+    encoder's tokenizer (anything with `.encode(text) -> list[int]`; keep them on the CPU, where
+    the positions are looked up without a device sync); `subjects` a list of (w, concept) with
+    w (D,) for the whole batch or (B, D) per prompt, and concept one word for the whole batch or
+    a list of one word per prompt (a training batch mixes "man" and "woman"). Returns (ê, eos_hat)."""
     B = e.shape[0]
     pairs = []
-    for w, word in subjects:
-        concept_ids = tokenizer.encode(word)
-        i = [find_concept(ids[b].tolist(), concept_ids, word=word, prompt=prompts[b]) for b in range(B)]
+    for w, words in subjects:
+        words = [words] * B if isinstance(words, str) else list(words)
+        concept_ids = {word: tokenizer.encode(word) for word in set(words)}
+        i = [find_concept(ids[b].tolist(), concept_ids[words[b]], word=words[b], prompt=prompts[b]) for b in range(B)]
         pairs.append((w.expand(B, -1), torch.tensor(i, device=e.device)))
     return insert_many(e, pairs, eos_pos)
 

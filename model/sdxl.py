@@ -346,12 +346,14 @@ class SDXL:
         """Prompts -> (context (B, 77, 2048), pooled (B, 1280)) as SDXL base computes them.
 
         `subjects` (CoCoIns) is a list of (w_l, w_g, concept) triples: pseudo-words for the two
-        encoders and the concept word they are inserted before, in every prompt."""
+        encoders ((D,) for every prompt or (B, D) one per prompt) and the concept word they are
+        inserted before (one word, or a list of one word per prompt)."""
         from model import mapper  # CoCoIns lives in its own chapter
 
-        ids_l, ids_g = self.tok_l(prompts).to(self.device), self.tok_g(prompts).to(self.device)
-        e_l, e_g = self.clip_l.embed(ids_l), self.clip_g.embed(ids_g)
-        eos_l, eos_g = clip.eos_positions(ids_l), clip.eos_positions(ids_g)
+        # ids stay on the CPU, where insertion looks up the concept positions without a device sync.
+        ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
+        e_l, e_g = self.clip_l.embed(ids_l.to(self.device)), self.clip_g.embed(ids_g.to(self.device))
+        eos_l, eos_g = clip.eos_positions(ids_l).to(self.device), clip.eos_positions(ids_g).to(self.device)
         if subjects:
             e_l, eos_l = mapper.insert_subjects(e_l, eos_l, ids_l, self.tok_l, [(w_l, c) for w_l, _, c in subjects], prompts)
             e_g, eos_g = mapper.insert_subjects(e_g, eos_g, ids_g, self.tok_g, [(w_g, c) for _, w_g, c in subjects], prompts)

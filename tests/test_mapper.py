@@ -246,6 +246,21 @@ def test_insert_subjects_finds_each_concept_in_every_prompt_of_the_batch():
         insert_subjects(e, eos, ids, tok, [(w_astro, "astronaut")], prompts)
 
 
+def test_insert_subjects_takes_one_concept_word_per_prompt():
+    # A training batch mixes concepts: each prompt's pseudo-word goes before its own word.
+    tok = WordTokenizer()
+    prompts = ["a man reading", "a woman reading"]
+    ids = tok(prompts)
+    e = ids.float()[..., None]
+    eos = (ids == EOS).int().argmax(dim=1)
+    w = torch.tensor([[-1.0], [-2.0]])
+    e_hat, eos_hat = insert_subjects(e, eos, ids, tok, [(w, ["man", "woman"])], prompts)
+    assert e_hat[0, :6, 0].tolist() == [BOS, 320, -1, 1929, 2803, EOS]
+    assert e_hat[1, :6, 0].tolist() == [BOS, 320, -2, 2308, 2803, EOS]
+    with pytest.raises(UserError, match="'a man reading'"):
+        insert_subjects(e, eos, ids, tok, [(w, ["woman", "woman"])], prompts)
+
+
 # -- mapper files --------------------------------------------------------------------------------
 
 
