@@ -114,3 +114,38 @@ def test_fused_kernels_are_never_forced_on_a_512_wide_head(monkeypatch, backend)
     q, k, v = qkv(B=1, heads=1, Lq=16, Lk=16, D=64)
     A.attention(q, k, v)
     assert forced == [A._SDPA_BACKENDS[backend]], "64-wide heads do go to the chosen kernel"
+
+
+def _count_sdpa_calls(monkeypatch):
+    calls = []
+    real = A.F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[-2]) or real(q, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("backend,D", [("auto", 320), ("math", 64), ("reference", 64), ("flash", 320)])
+def test_unfused_calls_run_over_chunks_of_queries_with_the_same_result(monkeypatch, backend, D):
+    """Unfused paths hold the whole (Lq, Lk) score matrix: 2 GiB for the VAE's 1024 px mid block.
+    Past MAX_SCORE_BYTES they run over chunks of queries, computing the same numbers."""
+    q, k, v = qkv(B=1, heads=2, Lq=50, Lk=40, D=D)
+    A.set_backend(backend)
+    whole = A.attention(q, k, v)
+    monkeypatch.setattr(A, "MAX_SCORE_BYTES", 4 * 2 * 40 * 16)  # 16 queries per chunk
+    calls = _count_sdpa_calls(monkeypatch)
+    chunked = A.attention(q, k, v)
+    if backend != "reference":
+        assert calls == [16, 16, 16, 2]
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert torch.allclose(chunked, A.attention_reference(q, k, v), atol=1e-5)
+
+
+def test_fused_masked_and_causal_calls_are_never_chunked(monkeypatch):
+    monkeypatch.setattr(A, "MAX_SCORE_BYTES", 64)
+    calls = _count_sdpa_calls(monkeypatch)
+    q, k, v = qkv(B=1, heads=2, Lq=30, Lk=30, D=64)
+    A.attention(q, k, v)  # auto, 64-wide: a fused kernel holds no score matrix
+    A.set_backend("math")
+    A.attention(q, k, v, is_causal=True)  # the text encoders' calls: 77 tokens
+    A.attention(q, k, v, mask=additive_mask(30, 30))
+    assert calls == [30, 30, 30]

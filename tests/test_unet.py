@@ -115,24 +115,95 @@ def test_timestep_embedding_is_cos_then_sin_like_diffusers_flip_sin_to_cos():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_group_norm_computes_in_float32_when_the_model_runs_in_bfloat16(monkeypatch):
-    norm = U.GroupNorm32(32, 64)
+def _norm(groups=32, channels=64, eps=1e-5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norm = U.GroupNorm32(groups, channels, eps=eps)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(64))
-        norm.bias.copy_(0.1 * torch.randn(64))
-    # A large common offset is where low-precision statistics go wrong.
-    x = (50 + torch.randn(2, 64, 8, 8)).bfloat16()
+        norm.weight.copy_(1 + 0.1 * torch.randn(channels, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(channels, generator=g))
+    return norm
+
+
+def _one_bf16_rounding(y, expected):
+    """y is `expected` (float32) rounded once to bfloat16: at most half a bf16 step (2^-8 relative)
+    off, and off by a whole step nowhere (statistics summed in another order may tip a value
+    that sits on a rounding boundary, never further)."""
+    err = (y.float() - expected).abs()
+    step = 2.0**-7 * expected.abs().clamp_min(1e-30)
+    return bool((err <= step).all())
+
+
+def test_group_norm_computes_in_float32_when_the_model_runs_in_bfloat16():
+    norm = _norm()
+    # A large common offset is where low-precision statistics go wrong: a bfloat16 mean near 50
+    # is off by up to 0.125, an eighth of the standard deviation.
+    x = (50 + torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(1))).bfloat16()
     w, b = norm.weight.bfloat16().float(), norm.bias.bfloat16().float()
     expected = torch.nn.functional.group_norm(x.float(), 32, w, b, 1e-5)
-
-    seen = []
-    group_norm = torch.nn.functional.group_norm
-    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda x, *a: seen.append(x.dtype) or group_norm(x, *a))
-    y = norm.bfloat16()(x)
-    assert seen == [torch.float32]
+    with torch.no_grad():
+        y = norm.bfloat16()(x)
     assert y.dtype == torch.bfloat16
-    # computed in float32 and rounded once: exactly the float32 result in bf16
-    assert torch.equal(y, expected.bfloat16())
+    assert _one_bf16_rounding(y, expected)
+    # the check catches statistics kept in bfloat16
+    var16, mean16 = torch.var_mean(x.reshape(2, 32, -1), dim=-1, correction=0, keepdim=True)
+    sloppy = ((x.reshape(2, 32, -1) - mean16) * torch.rsqrt(var16 + 1e-5)).reshape(x.shape)
+    sloppy = (sloppy.float() * w[:, None, None] + b[:, None, None]).bfloat16()
+    assert not _one_bf16_rounding(sloppy, expected)
+
+
+def test_group_norm_in_float32_is_pytorchs_group_norm():
+    norm = _norm(eps=1e-6)
+    x = torch.randn(3, 64, 5, 7)
+    expected = torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    # any rank: (B, C, L) as well as (B, C, H, W)
+    x3 = torch.randn(2, 64, 9)
+    assert torch.allclose(norm(x3), torch.nn.functional.group_norm(x3, 32, norm.weight, norm.bias, 1e-6), atol=1e-5)
+
+
+class _Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the number of elements of every float32 tensor made by a dtype cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_group_norm_copies_a_bfloat16_activation_to_float32_a_few_groups_at_a_time(monkeypatch):
+    """The VAE's full-resolution activations are 1 GiB in float32: they are never copied whole,
+    and the chunked statistics are the statistics of the whole."""
+    norm = _norm().bfloat16()
+    x = (3 + torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))).bfloat16()
+    with torch.no_grad():
+        whole = norm(x)  # 2·64·256 = 32768 values, under GROUP_NORM_CHUNK: one copy
+        monkeypatch.setattr(U, "GROUP_NORM_CHUNK", 2 * 2 * 256 * 3)  # 3 groups of 2 channels per copy
+        with _Float32Copies() as copies:
+            chunked = norm(x)
+    assert torch.equal(chunked, whole)
+    big = [n for n in copies.sizes if n > 64]  # (the weight and bias casts are 64 values)
+    assert len(big) == 11 and max(big) <= U.GROUP_NORM_CHUNK  # ceil(32 / 3) copies
+
+
+def test_group_norm_gradients_in_bfloat16_match_float32():
+    """Training backpropagates through the UNet's norms in bfloat16 (to the conditioning): the
+    autograd path computes the same function and its gradient."""
+    norm = _norm()
+    x = (2 + torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(3)))
+    x16 = x.bfloat16().requires_grad_(True)
+    x32 = x16.detach().float().requires_grad_(True)
+    y16 = norm.bfloat16()(x16)
+    y32 = torch.nn.functional.group_norm(x32, 32, norm.weight.float(), norm.bias.float(), 1e-5)
+    assert _one_bf16_rounding(y16, y32.detach())
+    g = torch.randn_like(y32)
+    y16.backward(g.bfloat16())
+    y32.backward(g)
+    assert torch.allclose(x16.grad.float(), x32.grad, rtol=0.05, atol=0.05)
 
 
 # --- the whole UNet against diffusers ---------------------------------------------------------
