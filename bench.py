@@ -261,6 +261,40 @@ def time_ms(fn, device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def profile_ms(fn, device, iters: int = 3) -> dict:
+    """Where the time of one call of `fn` goes (averages over `iters` calls after a warm-up):
+        wall      host time from the call to the device finishing it
+        launch    host time until the call returns, the device not waited for: the CPU's cost
+                  of issuing the work (Python, dispatch, kernel launches)
+        gpu_busy  the sum of the device's kernel and copy durations
+        kernels   how many kernels and copies the device ran
+    gpu_busy close to wall: the GPU is the bottleneck; launch close to wall with gpu_busy well
+    below it: the CPU is, and CUDA graphs (--cuda-graphs) pay."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    launch = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            t1 = time.perf_counter()
+            fn()
+            launch.append(time.perf_counter() - t1)
+            sync(device)
+        wall = (time.perf_counter() - t0) / iters
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels) / 1e3 / iters
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total / 1e3 / iters
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return dict(wall=wall * 1e3, launch=statistics.median(launch) * 1e3, gpu_busy=busy,
+                kernels=len(kernels) // iters, top=[(name[:90], round(ms, 3)) for name, ms in top])
+
+
 def weight_bytes(*modules) -> int:
     """Bytes of the distinct tensors of `modules` (shared tensors counted once)."""
     seen = {}
@@ -410,6 +444,54 @@ class Bench:
                 theirs_gib = dmem["gib"]
         self.report.row(f"UNet step, batch 2, {self.size.image} px, eager", "ms", ms, theirs_ms, mem["gib"], theirs_gib,
                         "<= 55 ms", **({"rel_diff_vs_diffusers": check} if check is not None else {}))
+        # The same step as a sampling loop runs it: 30 calls back to back, one synchronisation at
+        # the end (the host queues step n+1 while the GPU runs step n).
+        with torch.no_grad():
+            loop = lambda m: (lambda: [m(*self.step_inputs) for _ in range(self.size.steps)])  # noqa: E731
+            ms = time_ms(loop(ours), d, *self.iters(1, 3)) / self.size.steps
+            theirs_ms = None
+            if self.theirs:
+                dunet = self.theirs["unet"]
+                theirs_ms = time_ms(loop(lambda *a: call_diffusers_unet(dunet, *a)), d, *self.iters(1, 3)) / self.size.steps
+        self.report.row(f"UNet step in a loop of {self.size.steps}, eager", "ms", ms, theirs_ms)
+
+    def unet_profile(self):
+        """Kernel time against wall time, eager: is a step bound by the GPU or by the host?"""
+        d, ours = self.device, self.ours["unet"]
+        with torch.no_grad():
+            prof = profile_ms(lambda: ours(*self.step_inputs), d)
+            theirs = None
+            if self.theirs:
+                theirs = profile_ms(lambda: call_diffusers_unet(self.theirs["unet"], *self.step_inputs), d)
+        for what in ("wall", "launch", "gpu_busy"):
+            self.report.row(f"UNet step profile: {what}", "ms", prof[what], theirs and theirs[what])
+        self.report.row("UNet step profile: kernels per step", "n", prof["kernels"], theirs and theirs["kernels"],
+                        top_kernels_ours=prof["top"], **({"top_kernels_diffusers": theirs["top"]} if theirs else {}))
+
+    def cuda_graphs(self):
+        """--cuda-graphs on the eager UNet: the step, and the whole image."""
+        d = self.device
+        if d.type != "cuda":
+            self.report.skip("--cuda-graphs", "needs a CUDA GPU")
+            return
+        sdxl = make_sdxl(self.ours, d, self.dtype)
+        sdxl.enable_cuda_graphs()
+        graphed = sdxl.graphed_unet
+        with torch.no_grad():
+            eps = graphed(*self.step_inputs)  # records the graph
+            with peak_memory(d, weight_bytes(self.ours["unet"])) as mem:
+                ms = time_ms(lambda: graphed(*self.step_inputs), d, *self.iters(2, 10))
+        extra = {"rel_diff_vs_eager": rel_err(eps, self.eager_eps)} if self.eager_eps is not None else {}
+        self.report.row(f"UNet step, batch 2, {self.size.image} px, eager + --cuda-graphs", "ms", ms, None, mem["gib"],
+                        None, "<= 55 ms", **extra)
+        with peak_memory(d, weight_bytes(*self.ours.values())) as mem:
+            image = self.generate(sdxl)
+            s = time_ms(lambda: self.generate(sdxl), d, 0, 1) / 1e3
+        extra = {}
+        if self.eager_image is not None:
+            extra["mean_abs_pixel_diff_vs_eager"] = float(np.abs(image.astype(int) - self.eager_image).mean())
+        self.report.row(f"image, {self.size.steps} steps, {self.size.image} px, eager + --cuda-graphs", "s", s, None,
+                        mem["gib"], None, "<= 2.5 s, <= 8 GiB", **extra)
 
     def vae_decode(self):
         d, h = self.device, self.size.image // 8
@@ -480,7 +562,16 @@ class Bench:
                 self.report.row(f"training step (triplet), {res} px{', checkpointing' if checkpointing else ''}", "ms",
                                 ms, theirs_ms, gib, theirs_gib, target)
 
-    def train_step_time(self, module, res, call, warmup=None):
+    def training_profile(self):
+        """Kernel time against wall time for one training triplet, at each resolution."""
+        ours = self.ours["unet"]
+        for res in self.size.train:
+            prof = self.train_step_time(ours, res, call=lambda *a: ours(*a), profile=True)
+            self.report.row(f"training step (triplet), {res} px, profile: wall / launch / gpu_busy", "ms", prof["wall"],
+                            None, launch_ms=prof["launch"], gpu_busy_ms=prof["gpu_busy"], kernels=prof["kernels"],
+                            top_kernels=prof["top"])
+
+    def train_step_time(self, module, res, call, warmup=None, profile=False):
         """One CoCoIns triplet: 3 passes with gradients to the conditioning (batched), 2 without."""
         d = self.device
         x3, t3, context3, pooled3, ids3 = unet_inputs(self.size, 3, res, d, self.dtype, seed=2)
@@ -497,6 +588,8 @@ class Bench:
             loss.backward()
             context3.grad = pooled3.grad = None
 
+        if profile:
+            return profile_ms(step, d)
         with peak_memory(d, weight_bytes(module)) as mem:
             ms = time_ms(step, d, *self.iters(*(warmup or (2, 5))))
         return ms, mem["gib"]
@@ -544,6 +637,24 @@ class Bench:
                         None, "<= 1.0 s")
         self.report.row(f"UNet step, batch 2, {self.size.image} px, --compile {mode}", "ms", ms, None, mem["gib"], None,
                         "<= 26 ms", **extra)
+        # and replayed as a CUDA graph (--compile MODE --cuda-graphs)
+        if d.type != "cuda":
+            return
+        sdxl.enable_cuda_graphs()
+        t0 = time.perf_counter()
+        image = self.generate(sdxl)  # records the graph
+        sync(d)
+        record_s = time.perf_counter() - t0
+        s = time_ms(lambda: self.generate(sdxl), d, 0, 1) / 1e3
+        with torch.no_grad():
+            ms = time_ms(lambda: sdxl.graphed_unet(*self.step_inputs), d, *self.iters(2, 10))
+        extra = {"first_image_with_recording_s": record_s}
+        if self.eager_image is not None:
+            extra["mean_abs_pixel_diff_vs_eager"] = float(np.abs(image.astype(int) - self.eager_image).mean())
+        self.report.row(f"image, {self.size.steps} steps, {self.size.image} px, --compile {mode} --cuda-graphs", "s", s,
+                        None, None, None, "<= 1.0 s", **extra)
+        self.report.row(f"UNet step, batch 2, {self.size.image} px, --compile {mode} --cuda-graphs", "ms", ms, None,
+                        None, None, "<= 26 ms")
 
     def training_compiled(self):
         res = self.size.train[0]
@@ -627,10 +738,13 @@ class Bench:
 # Sections in order of priority, with the seconds each takes on one H200 (a guess before the
 # first measurement): one is skipped when less than that is left of --budget-s.
 SECTIONS = [
-    ("UNet step", 5, lambda b: b.unet_step()),
+    ("UNet step", 10, lambda b: b.unet_step()),
+    ("UNet step profile", 5, lambda b: b.unet_profile()),
     ("VAE decode", 3, lambda b: b.vae_decode()),
     ("image", 15, lambda b: b.image()),
+    ("--cuda-graphs", 10, lambda b: b.cuda_graphs()),
     ("training step", 15, lambda b: b.training()),
+    ("training step profile", 5, lambda b: b.training_profile()),
     ("offload", 15, lambda b: b.offload()),
     ("--compile regional", 40, lambda b: b.compiled("regional")),
     ("--compile full", 100, lambda b: b.compiled("full")),

@@ -15,6 +15,9 @@ realistic scale (bench.py `randomize_`), ours holds the same tensors (each model
                theirs, or 1 %: bfloat16 may cost us no more accuracy than it costs diffusers
     backends   each attention backend (flash, efficient, cudnn, math) in bfloat16, same limit;
                the VAE's 512-wide head under `flash` must fall back, not fail
+    graphs     `--cuda-graphs` (the UNet step replayed from a recording) in bfloat16, same limit
+    image      a whole float32 image (10 steps) against diffusers' StableDiffusionXLPipeline with
+               the same weights, prompt and seed                       limit 1/255 mean difference
     compiled   `--compile` (regional) in bfloat16, same limit, and its distance to eager
     sync       the DDIM loop with our UNet: no host-device synchronisation added per step
 
@@ -28,15 +31,18 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 import traceback
 import warnings
 
+import numpy as np
 import torch
 
-from bench import (BUILD, FROM_DIFFUSERS, PROMPT, build_diffusers, call_diffusers_unet, official_size, rel_err,
-                   tiny_size, unet_inputs)
+from bench import (BUILD, FROM_DIFFUSERS, PROMPT, build_diffusers, call_diffusers_unet, make_pipeline, make_sdxl,
+                   official_size, ours_from_diffusers, rel_err, tiny_size, unet_inputs)
 from model import attention, clip, ddim, unet
+from model.sdxl import CUDAGraphed
 
 FP32_LIMIT = 1e-3
 BF16_FLOOR = 0.01  # the bfloat16 limit is max(2 × diffusers' own bfloat16 error, this)
@@ -237,8 +243,20 @@ class GPUCheck:
             self.each_backend("UNet", lambda: ours16(*bf16_inputs), ref, limit)
         if self.device.type == "cuda":
             self.guarded("DDIM loop synchronisations", lambda: self.sync_per_step(ours16))
+            with torch.no_grad():
+                graphed = CUDAGraphed(ours16)
+                graphed(*bf16_inputs)  # records
+                out = graphed(*bf16_inputs)
+            self.checks.check("UNet bf16 --cuda-graphs vs fp32", rel_err(out, ref), limit, vs_eager=rel_err(out, eager))
+            del graphed
         else:
             self.checks.skip("DDIM loop synchronisations", "CUDA only")
+            self.checks.skip("UNet bf16 --cuda-graphs", "CUDA only")
+        self.compile_inputs = ours16, bf16_inputs, ref, eager, limit
+
+    def unet_compiled(self):
+        ours16, bf16_inputs, ref, eager, limit = self.compile_inputs
+        del self.compile_inputs
         left = self.args.budget_s - (time.perf_counter() - self.start)
         if left < (0 if self.args.tiny else 40):
             self.checks.skip("UNet --compile regional", f"{left:.0f} s left of --budget-s {self.args.budget_s:.0f}")
@@ -249,6 +267,27 @@ class GPUCheck:
             out = compiled(*bf16_inputs)
         self.checks.check("UNet bf16 --compile regional vs fp32", rel_err(out, ref), limit,
                           vs_eager=rel_err(out, eager), compile_and_first_call_s=time.perf_counter() - t0)
+
+    # -- the whole pipeline ---------------------------------------------------------------------
+
+    def whole_image(self):
+        """A whole float32 image beside diffusers' StableDiffusionXLPipeline with the same weights,
+        prompt and seed: tokenizers, both encoders, the UNet through DDIM with guidance, the VAE.
+        Random weights amplify differences over the steps more than trained ones, so 10 steps."""
+        d, px, steps = self.device, self.size.image, 10
+        theirs = build_diffusers(self.size, d, torch.float32)
+        sdxl = make_sdxl(ours_from_diffusers(theirs), d, torch.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = make_pipeline(theirs, self.size, tmp)
+            out = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=5.0, width=px, height=px,
+                       generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        theirs_image = (out.images[0] * 255).round().astype(np.uint8)
+        del pipe, out, theirs
+        ours_image = sdxl.generate(PROMPT, seed=0, steps=steps, guidance=5.0, width=px, height=px)
+        diff = np.abs(ours_image.astype(int) - theirs_image)
+        self.checks.check(f"whole {px} px image fp32 vs diffusers' pipeline, mean |pixel difference| (of 255)",
+                          float(diff.mean()), 1.0, max_difference=int(diff.max()), steps=steps,
+                          image_std=float(theirs_image.std()))
 
     def sync_per_step(self, ours16):
         """Count the synchronising CUDA calls of a 2-step and a 4-step DDIM loop: the same count
@@ -288,9 +327,10 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = False
     run = GPUCheck(args)
     print(f"gpu_check: {run.device_name}, torch {torch.__version__}, {run.size.name} size", flush=True)
-    # the UNet last: its compiled check is the slow one, skipped when the budget runs out
+    # the compiled UNet last: the slow check, skipped when the budget runs out
     try:
-        for name, section in (("text encoders", run.text_encoders), ("VAE", run.vae), ("UNet", run.unet)):
+        for name, section in (("text encoders", run.text_encoders), ("VAE", run.vae), ("UNet", run.unet),
+                              ("whole image", run.whole_image), ("UNet compiled", run.unet_compiled)):
             print(f"[{time.perf_counter() - run.start:6.1f} s] {name}", flush=True)
             run.guarded(name, section)
     except KeyboardInterrupt:  # gpu_run.sh's time limit: keep what was checked

@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
-budget=${BENCH_BUDGET_S:-270}
+budget=${BENCH_BUDGET_S:-280}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -28,7 +28,7 @@ fi
     python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-# The two DDIM tests that need CUDA (no host-device sync in the loop; initial noise equals diffusers').
-timeout -s INT -k 10 50 python3 -m pytest -q -p no:cacheprovider tests/test_ddim.py -k gpu 2>&1 | tee "$OUT/ddim_gpu.log"
-timeout -s INT -k 20 150 python3 gpu_check.py --budget-s 75 --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+# The tests that need CUDA (named *gpu*: DDIM without host-device sync, initial noise as diffusers draws it, CUDA graphs).
+timeout -s INT -k 10 60 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/test_ddim.py tests/test_speed.py -k gpu 2>&1 | tee "$OUT/gpu_tests.log"
+timeout -s INT -k 20 150 python3 gpu_check.py --budget-s 100 --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
 timeout -s INT -k 20 $((budget + 45)) python3 bench.py --vs-diffusers --budget-s "$budget" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -56,6 +56,9 @@ def parse_args(argv=None):
                         "`full`, the whole UNet and the VAE decoder (minutes to compile, fastest after)")
     p.add_argument("--offload", action="store_true",
                    help="keep the models in CPU memory and move each to the GPU only while it runs (small GPUs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay a recorded CUDA graph of the UNet step instead of launching its kernels one by one "
+                        "(CUDA only, not with --offload; alone or with --compile)")
     return p.parse_args(argv)
 
 
@@ -156,7 +159,7 @@ def subjects_from_codes(codes, concepts, mapper_path, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model.sdxl import MISSING_WEIGHTS, SDXL, check_size, find_default_weights
+    from model.sdxl import MISSING_WEIGHTS, SDXL, check_cuda_graphs, check_size, find_default_weights
 
     prompts = args.prompt
     if not prompts or any(not p.strip() for p in prompts):
@@ -172,6 +175,8 @@ def main(argv=None):
     if weights is None:
         raise UserError(MISSING_WEIGHTS)
     # Check what can be checked before spending a minute loading 7 GB.
+    if args.cuda_graphs:
+        check_cuda_graphs(device, args.offload)
     concepts = subject_concepts(args, prompts)
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
@@ -184,6 +189,8 @@ def main(argv=None):
         model.enable_offload(device)
     if args.compile:
         model.compile(args.compile)
+    if args.cuda_graphs:
+        model.enable_cuda_graphs()
     subjects = subjects_from_codes(args.code, concepts, args.mapper, device, dtype) if args.code else None
 
     images = []

@@ -294,6 +294,64 @@ class Offload:
 
 
 # ----------------------------------------------------------------------------------------------
+# CUDA graphs (--cuda-graphs): a UNet step replayed from one recording
+# ----------------------------------------------------------------------------------------------
+
+def check_cuda_graphs(device, offload: bool) -> None:
+    """--cuda-graphs' requirements, as one sentence each."""
+    if torch.device(device).type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA GPU, and this run is on {torch.device(device).type}; drop the flag")
+    if offload:
+        raise UserError("--cuda-graphs and --offload cannot be combined: a CUDA graph keeps the addresses of the "
+                        "weights it recorded, and offloading moves them; choose one")
+
+
+class CUDAGraphed:
+    """Calls `module` by replaying a CUDA graph of one call instead of launching its kernels.
+
+    A UNet step launches a few thousand kernels, each costing the CPU microseconds of Python and
+    driver work; when that adds up to more than the GPU's work, the GPU waits. A CUDA graph
+    records the launches of one call and replays them all with one. The recording fixes every
+    address, so inputs are copied into the recorded input buffers before each replay and the
+    output is copied out of the recorded one after it (the next replay overwrites it). Each
+    input shape (image size, batch) is recorded once, on its first call.
+
+    For inference only (calls with autograd on go straight to the module), with the weights
+    staying where they are (not with Offload, which moves them)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.graphs = {}  # input shapes and dtypes -> (graph, input buffers, output buffer)
+
+    def __call__(self, *inputs):
+        if torch.is_grad_enabled():
+            return self.module(*inputs)
+        key = tuple((x.shape, x.dtype) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(inputs)
+        graph, buffers, output = self.graphs[key]
+        for buffer, x in zip(buffers, inputs):
+            buffer.copy_(x)
+        graph.replay()
+        return output.clone()
+
+    def _record(self, inputs):
+        buffers = [x.clone(memory_format=torch.contiguous_format) for x in inputs]
+        # Warm-up on a side stream (PyTorch's recipe): lazy initialisation (cuBLAS handles,
+        # torch.compile's compilation, the allocator's first blocks) must not be recorded.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.module(*buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.module(*buffers)
+        return graph, buffers, output
+
+
+# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 
@@ -306,6 +364,7 @@ class SDXL:
         self.unet, self.vae = unet, vae
         self.device, self.dtype = torch.device(device), dtype
         self.offload = None  # an Offload once enable_offload() is called (--offload)
+        self.graphed_unet = None  # a CUDAGraphed UNet once enable_cuda_graphs() is called (--cuda-graphs)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -391,8 +450,15 @@ class SDXL:
         if mode == "full":
             self.vae.decoder.compile(dynamic=False, fullgraph=True)
 
+    def enable_cuda_graphs(self):
+        """--cuda-graphs: generate() replays a CUDA graph of the UNet step (see CUDAGraphed)."""
+        check_cuda_graphs(self.device, offload=self.offload is not None)
+        self.graphed_unet = CUDAGraphed(self.unet)
+
     def enable_offload(self, device):
         """--offload: keep the models in host memory and lend each to `device` only while it runs."""
+        if self.graphed_unet:
+            check_cuda_graphs(device, offload=True)
         self.device = torch.device(device)
         self.offload = Offload(self.device)
         for model in (self.clip_l, self.clip_g, self.unet, self.vae):
@@ -417,9 +483,12 @@ class SDXL:
                     pooled=torch.cat([pooled, neg_pooled]).to(self.dtype),
                     time_ids=torch.cat([time_ids, time_ids]))
 
+        unet_step = self.graphed_unet or self.unet
+
         def eps_fn(x_t, t):
             x_in = torch.cat([x_t, x_t]).to(self.dtype)
-            eps_c, eps_u = self.unet(x_in, t.expand(2), **cond).float().chunk(2)
+            eps_c, eps_u = unet_step(x_in, t.expand(2), cond["context"], cond["pooled"],
+                                          cond["time_ids"]).float().chunk(2)
             return eps_c, eps_u
 
         generator = torch.Generator("cpu").manual_seed(seed)

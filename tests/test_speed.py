@@ -18,7 +18,8 @@ from torch._dynamo.utils import counters
 
 import bench
 from model import unet
-from model.sdxl import PREFIX, Offload
+from model.checkpoint import UserError
+from model.sdxl import PREFIX, CUDAGraphed, Offload, check_cuda_graphs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = bench.tiny_size()
@@ -170,3 +171,53 @@ def _diffusers_on_meta(size):
     return {"clip_l": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
             "clip_g": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
             "unet": UNet2DConditionModel(**cfg["unet"]), "vae": AutoencoderKL(**cfg["vae"])}
+
+
+# --- CUDA graphs (--cuda-graphs): refused clearly here; replayed and compared on a GPU -------------
+
+
+def test_cuda_graphs_are_refused_in_one_sentence_without_cuda_or_with_offload(weights_file, tmp_path):
+    r = run_sample("--weights", weights_file, "--prompt", "a woman reading", "--steps", 1, "--width", PX,
+                   "--height", PX, "--out", tmp_path / "x.png", "--device", "cpu", "--cuda-graphs")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--cuda-graphs needs a CUDA GPU" in r.stderr and not (tmp_path / "x.png").exists()
+    with pytest.raises(UserError, match="cannot be combined"):
+        check_cuda_graphs("cuda", offload=True)
+    check_cuda_graphs("cuda:0", offload=False)  # nothing to say
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_gpu_cuda_graph_replays_compute_the_eager_step():
+    """The replay runs the recorded kernels: the eager numbers (cuBLAS may pick another algorithm
+    while recording, so within bfloat16 rounding rather than bit for bit)."""
+    cuda = torch.device("cuda")
+    model = bench.build_ours(SIZE, cuda, torch.bfloat16, seed=0)["unet"]
+    graphed = CUDAGraphed(model)
+    with torch.no_grad():
+        for seed in (1, 2, 3):  # new inputs each call, through the same recording
+            inputs = bench.unet_inputs(SIZE, 2, PX, cuda, torch.bfloat16, seed=seed)
+            assert bench.rel_err(graphed(*inputs), model(*inputs)) < 2e-3
+        held = graphed(*inputs)
+        kept = held.clone()
+        graphed(*bench.unet_inputs(SIZE, 2, PX, cuda, torch.bfloat16, seed=4))
+        assert torch.equal(held, kept), "a replay overwrote an output the caller holds"
+        graphed(*bench.unet_inputs(SIZE, 2, 2 * PX, cuda, torch.bfloat16))  # another size: another recording
+    assert len(graphed.graphs) == 2
+
+
+@gpu
+def test_gpu_generate_with_cuda_graphs_gives_the_same_image():
+    cuda = torch.device("cuda")
+    models = bench.build_ours(SIZE, cuda, torch.bfloat16, seed=0)
+    sdxl = bench.make_sdxl(models, cuda, torch.bfloat16)
+    plain = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
+    sdxl.enable_cuda_graphs()
+    for _ in range(2):
+        image = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
+        assert np.abs(image.astype(int) - plain).max() <= 1
+    assert len(sdxl.graphed_unet.graphs) == 1
+    with pytest.raises(UserError, match="cannot be combined"):
+        sdxl.enable_offload(cuda)
