@@ -81,6 +81,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 GROUP_NORM_CHUNK = 2**26
 
 
+def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, mean) of each (sample, group), shaped (B, G, 1), in float32 (float64 for float64 x)."""
+    B, acc = x.shape[0], torch.promote_types(x.dtype, torch.float32)
+    xg = x.reshape(B, groups, -1)
+    # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
+    # bfloat16 values lose the digits that matter. They come from float32 copies of a few
+    # groups at a time, so a 1024 px VAE activation is never copied whole.
+    # Not F.group_norm: its statistics kernel runs one thread block per (sample, group), 32
+    # blocks for one image on a 132-SM GPU; var_mean spreads a group over the whole GPU
+    # (bf16 1024 px VAE decode on one H200: 104 ms with F.group_norm, 64 ms with this).
+    step = groups if x.dtype == acc else max(1, GROUP_NORM_CHUNK // xg[0, 0].numel() // B)
+    stats = [torch.var_mean(xg[:, i : i + step].to(acc), dim=-1, correction=0, keepdim=True)
+             for i in range(0, groups, step)]
+    if len(stats) == 1:
+        return stats[0]
+    return torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the model's dtype (the UNet's and the VAE's):
 
@@ -89,32 +107,50 @@ class GroupNorm32(nn.GroupNorm):
     with μ_g, σ²_g the mean and variance over the channels and pixels of channel c's group g."""
 
     def forward(self, x):
-        B, C = x.shape[:2]
-        G = self.num_groups
-        groups = x.reshape(B, G, -1)
-        # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
-        # bfloat16 values lose the digits that matter. They come from float32 copies of a few
-        # groups at a time, so a 1024 px VAE activation is never copied whole.
-        # Not F.group_norm: its statistics kernel runs one thread block per (sample, group), 32
-        # blocks for one image on a 132-SM GPU; var_mean spreads a group over the whole GPU
-        # (bf16 1024 px VAE decode on one H200: 104 ms with F.group_norm, 64 ms with this).
-        step = max(1, GROUP_NORM_CHUNK // groups[0, 0].numel() // B) if x.dtype != torch.float32 else G
-        stats = [torch.var_mean(groups[:, i : i + step].float(), dim=-1, correction=0, keepdim=True)
-                 for i in range(0, G, step)]
-        var = torch.cat([v for v, _ in stats], 1) if len(stats) > 1 else stats[0][0]  # (B, G, 1)
-        mean = torch.cat([m for _, m in stats], 1) if len(stats) > 1 else stats[0][1]
-        # y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
-        # computed in float32 (a bfloat16 x is promoted) and rounded once to x's dtype
-        a = self.weight.float().view(1, G, C // G) * torch.rsqrt(var + self.eps)  # (B, G, C/G)
-        b = self.bias.float().view(1, G, C // G) - mean * a
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
+        if torch.compiler.is_compiling():
+            return self.normalize(x, *group_norm_stats(x, self.num_groups), rounded_on_write=False)
+        if grad:  # training: the backward pass keeps x in its own dtype, not a float32 copy
+            return _GroupNormFunction.apply(x, self.weight, self.bias, self)
+        return self.normalize(x, *group_norm_stats(x, self.num_groups), rounded_on_write=True)
+
+    def normalize(self, x, var, mean, rounded_on_write: bool):
+        """y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
+        in float32 (a bfloat16 x is promoted), rounded once to x's dtype."""
+        B, C, G = x.shape[0], x.shape[1], self.num_groups
+        a = self.weight.to(var.dtype).view(1, G, C // G) * torch.rsqrt(var + self.eps)  # (B, G, C/G)
+        b = self.bias.to(var.dtype).view(1, G, C // G) - mean * a
         shape = (B, C) + (1,) * (x.ndim - 2)
         a, b = a.reshape(shape), b.reshape(shape)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
-        if x.dtype == torch.float32 or grad or torch.compiler.is_compiling():
+        if x.dtype == var.dtype or not rounded_on_write:
             return torch.addcmul(b, x, a).to(x.dtype)
-        # Inference in bfloat16: the float32 result is rounded as it is written (on a GPU, inside
-        # the kernel), never held whole in float32.
+        # the float32 result is rounded as it is written (on a GPU, inside the kernel), never
+        # held whole in float32
         return torch.addcmul(b, x, a, out=torch.empty_like(x))
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """GroupNorm32 with autograd: saves x as it is (bfloat16) and the statistics, where autograd
+    through var_mean would save the float32 copy, twice the bytes: 2.4 GiB of a 1024 px CoCoIns
+    training step. The backward is PyTorch's own group-norm gradient, run in float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, norm):
+        var, mean = group_norm_stats(x, norm.num_groups)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + norm.eps))
+        ctx.groups = norm.num_groups
+        return norm.normalize(x, var, mean, rounded_on_write=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        B, C, acc = x.shape[0], x.shape[1], mean.dtype
+        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+            grad.to(acc).contiguous(), x.to(acc).contiguous(), mean.reshape(B, -1), rstd.reshape(B, -1),
+            weight.to(acc), B, C, x[0, 0].numel(), ctx.groups, [True, *ctx.needs_input_grad[1:3]])
+        return (dx.to(x.dtype),
+                None if dweight is None else dweight.to(weight.dtype),
+                None if dbias is None else dbias.to(weight.dtype), None)
 
 
 class ResBlock(nn.Module):
@@ -169,8 +205,30 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        a, gate = self.proj(x).chunk(2, dim=-1)
+        h = self.proj(x)
+        if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
+            return _GEGLUFunction.apply(h)
+        a, gate = h.chunk(2, dim=-1)
         return a * F.gelu(gate)
+
+
+class _GEGLUFunction(torch.autograd.Function):
+    """a ⊙ GELU(g) with autograd, keeping only [a, g] (which the backward needs anyway) and
+    recomputing GELU(g) in the backward: plain autograd would also keep GELU(g), the MLP's
+    widest tensor (2.3 GiB of a 1024 px CoCoIns training step)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        a, gate = h.chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        a, gate = h.chunk(2, dim=-1)
+        # d/da = GELU(g);  d/dg = a · GELU'(g)  (PyTorch's own GELU derivative)
+        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * a, gate)], dim=-1)
 
 
 class FeedForward(nn.Module):

@@ -149,3 +149,11 @@ def test_fused_masked_and_causal_calls_are_never_chunked(monkeypatch):
     A.attention(q, k, v, is_causal=True)  # the text encoders' calls: 77 tokens
     A.attention(q, k, v, mask=additive_mask(30, 30))
     assert calls == [30, 30, 30]
+
+
+def test_chunked_attention_compiles_as_one_graph(monkeypatch):
+    """`--compile full` compiles the VAE decoder with fullgraph=True: the chunk loop must trace."""
+    monkeypatch.setattr(A, "MAX_SCORE_BYTES", 4 * 1 * 40 * 16)  # 16 queries per chunk
+    q, k, v = qkv(B=1, heads=1, Lq=40, Lk=40, D=320)
+    compiled = torch.compile(lambda q, k, v: A.attention(q, k, v) * 2, fullgraph=True, dynamic=False)
+    assert torch.allclose(compiled(q, k, v), 2 * A.attention_reference(q, k, v), atol=1e-5)

@@ -116,3 +116,43 @@ def test_a_whole_1024_px_image_fits_in_8_gib_on_paper(official, monkeypatch):
     peak = weights + max(step.peak, decode)
     assert step.peak < 0.5 * GiB
     assert peak <= 7.8 * GiB, f"{peak / GiB:.2f} GiB"
+
+
+class FlashLikeAttention(torch.autograd.Function):
+    """FlashAttention's memory with autograd: the output and a float32 log-sum-exp per query; the
+    backward keeps q, k, v, the output and the log-sum-exp, and returns one gradient per input."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@pytest.mark.parametrize("checkpointing,limit", [(False, 20), (True, 8)], ids=["plain", "checkpointing"])
+def test_a_1024_px_training_triplet_fits_its_memory_target_on_paper(official, monkeypatch, checkpointing, limit):
+    """Issue 6: one CoCoIns triplet at 1024 px in at most 20 GiB, or 8 with gradient checkpointing:
+    the 2 passes without gradients (batch 2), then the 3 with gradients to the conditioning (batch
+    3) and their backward, the UNet frozen (bench.py's training step). It was 20.9 GiB on the H200
+    (21.4 counted here): the GroupNorms kept float32 copies and the GEGLUs GELU(g) for the backward."""
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q, k, v, **kw: FlashLikeAttention.apply(q, k, v))
+    model = official["unet"]
+    monkeypatch.setattr(model, "gradient_checkpointing", checkpointing)
+    bf16 = dict(dtype=torch.bfloat16)
+    with torch.device("meta"):
+        x, t, ids = torch.empty(3, 4, 128, 128, **bf16), torch.tensor([10, 500, 990]), torch.empty(3, 6, **bf16)
+        context = torch.empty(3, 77, 2048, **bf16, requires_grad=True)
+        pooled = torch.empty(3, 1280, **bf16, requires_grad=True)
+        with Allocations() as mem:
+            with torch.no_grad():
+                eps_free = model(x[:2], t[:2], context[:2], pooled[:2], ids[:2])
+            eps = model(x, t, context, pooled, ids)
+            loss = eps.float().square().mean() + (eps[:2].float() - eps_free.float()).square().mean()
+            loss.backward()
+    peak = weight_bytes(model) + mem.peak
+    assert peak <= (limit - 1) * GiB, f"{peak / GiB:.2f} GiB"  # 1 GiB left for what the GPU adds
