@@ -15,6 +15,9 @@ realistic scale (bench.py `randomize_`), ours holds the same tensors (each model
                theirs, or 1 %: bfloat16 may cost us no more accuracy than it costs diffusers
     backends   each attention backend (flash, efficient, cudnn, math) in bfloat16, same limit;
                the VAE's 512-wide head under `flash` must fall back, not fail
+    gradient   the UNet's gradient to the conditioning (training's backward, through our GroupNorm
+               and GEGLU autograd functions) at half resolution: float32 against diffusers,
+               bfloat16 against float32 beside diffusers' own bfloat16 error
     graphs     `--cuda-graphs` (the UNet step replayed from a recording) in bfloat16, same limit
     image      a whole float32 image (10 steps) against diffusers' StableDiffusionXLPipeline with
                the same weights, prompt and seed                       limit 1/255 mean difference
@@ -28,6 +31,7 @@ Read next: bench.py (the speed side of the same run), BENCHMARKS.md.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -91,6 +95,14 @@ class Checks:
 
 def _fmt(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def conditioning_grad(call, inputs, probe):
+    """d(Σ probe·ε̂)/d(context, pooled), flattened into one float32 vector."""
+    x, t, context, pooled, time_ids = inputs
+    context, pooled = context.clone().requires_grad_(True), pooled.clone().requires_grad_(True)
+    (call(x, t, context, pooled, time_ids).float() * probe).sum().backward()
+    return torch.cat([context.grad.float().flatten(), pooled.grad.float().flatten()])
 
 
 def bf16_limit(theirs_err: float) -> float:
@@ -229,14 +241,28 @@ class GPUCheck:
                                 dtype=torch.float32, device=d)
         inputs = (x, t, context, pooled, time_ids)
         bf16_inputs = tuple(v.to(torch.bfloat16) if v.is_floating_point() else v for v in inputs)
+        ours.requires_grad_(False)
+        # Training's path: the gradient to the conditioning (context and pooled), through our
+        # autograd functions (GroupNorm, GEGLU), at half the resolution
+        grad_inputs = unet_inputs(self.size, 2, res // 2, d, torch.float32, seed=7)
+        probe = torch.randn(grad_inputs[0].shape, generator=torch.Generator("cpu").manual_seed(8)).to(d)
+        grad_ref = conditioning_grad(functools.partial(call_diffusers_unet, theirs), grad_inputs, probe)
+        self.checks.check("UNet gradient to the conditioning fp32 vs diffusers",
+                          rel_err(conditioning_grad(ours, grad_inputs, probe), grad_ref), FP32_LIMIT)
         with torch.no_grad():
             ref = call_diffusers_unet(theirs, *inputs)
             self.checks.check("UNet fp32 vs diffusers", rel_err(ours(*inputs), ref), FP32_LIMIT)
-            ours16 = to_bf16("unet", ours)
+            ours16 = to_bf16("unet", ours).requires_grad_(False)
             del ours
             theirs.to(torch.bfloat16)
             theirs_err = rel_err(call_diffusers_unet(theirs, *bf16_inputs), ref)
-            del theirs
+        grad16 = tuple(v.to(torch.bfloat16) if v.is_floating_point() else v for v in grad_inputs)
+        theirs_grad_err = rel_err(conditioning_grad(functools.partial(call_diffusers_unet, theirs), grad16, probe), grad_ref)
+        self.checks.check("UNet gradient to the conditioning bf16 vs fp32",
+                          rel_err(conditioning_grad(ours16, grad16, probe), grad_ref), bf16_limit(theirs_grad_err),
+                          diffusers_bf16=theirs_grad_err)
+        del theirs
+        with torch.no_grad():
             limit = bf16_limit(theirs_err)
             eager = ours16(*bf16_inputs)
             self.checks.check("UNet bf16 vs fp32", rel_err(eager, ref), limit, diffusers_bf16=theirs_err)
