@@ -698,9 +698,10 @@ class CelebA(torch.utils.data.Dataset):
                 return self._load(i)
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
                 self._broken.add(i)
-                warnings.warn(f"skipping {self.items[i][1]}, which cannot be read ({e})", RuntimeWarning)
+                warnings.warn(f"skipping {self.items[i][1]}: it or its mask cannot be read ({e})", RuntimeWarning)
         raise UserError(
-            f"64 images in a row could not be read from {self.layout.images}; check the disk and the folder"
+            f"{min(len(self.items), 64)} images in a row could not be read from {self.layout.images}; check the "
+            f"disk and the folder"
         )
 
     def _load(self, i: int) -> dict:

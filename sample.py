@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from model import attention
+from model import attention, ddim
 from model.checkpoint import UserError
 from model.unet import COMPILE_MODES
 
@@ -86,7 +86,16 @@ def pick_device(name: str) -> torch.device:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        # bfloat16 where the GPU computes in it (Ampere and later); float16 on older cards
+        # (V100, T4), where bfloat16 would be emulated. The VAE stays float32 under float16.
+        with torch.cuda.device(device):
+            try:
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # PyTorch before 2.4
+                native = torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float16
     return getattr(torch, name)
 
 
@@ -98,17 +107,35 @@ def seeds_from(args) -> list[int]:
         if len(seeds) > 1:
             raise UserError("give either several --seed values or --num-images, not both")
         seeds = [seeds[0] + k for k in range(args.num_images)]
+    for seed in seeds:
+        if not 0 <= seed < 2**64:  # torch.Generator's range
+            raise UserError(f"--seed {seed}: a seed is a whole number from 0 to 2**64 - 1")
     return seeds
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 def output_paths(out: str, n: int, names: list[str]) -> list[str]:
-    if out.lower().endswith(".png"):
-        if n > 1:
-            raise UserError(f"--out {out} names one file but {n} images were asked for; pass a folder instead")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        return [out]
-    os.makedirs(out, exist_ok=True)
-    return [os.path.join(out, name) for name in names]
+    """Where the images go, the folder made and checked writable now, before anything loads."""
+    if out.lower().endswith(IMAGE_SUFFIXES):
+        raise UserError(f"--out {out}: images are written as PNG (with their parameters inside); name a .png file "
+                        f"or a folder")
+    one_file = out.lower().endswith(".png")
+    if one_file and n > 1:
+        raise UserError(f"--out {out} names one file but {n} images were asked for; pass a folder instead")
+    if one_file and os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; name a file or drop the .png")
+    if not one_file and os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder; name a folder for the images (or a .png for one image)")
+    folder = (os.path.dirname(out) or ".") if one_file else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder {folder} ({e.strerror}); choose another --out") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {out}: the folder {folder} is not writable; choose another --out")
+    return [out] if one_file else [os.path.join(out, name) for name in names]
 
 
 def contact_sheet(images, rows: int, cols: int) -> Image.Image:
@@ -120,35 +147,70 @@ def contact_sheet(images, rows: int, cols: int) -> Image.Image:
 
 
 def subject_concepts(args, prompts) -> list[str]:
-    """Check --code/--concept/--mapper before any weights load; return one concept per code."""
+    """Check --code/--concept/--mapper before any weights load; return one concept per code.
+
+    Concept words are looked up as CLIP tokens, as the pseudo-words will be inserted: "a woman's
+    portrait", "(woman)" and "woman-astronaut" all contain "woman". Without --concept, the concept
+    words of the first prompt are taken in the order they appear there ("a man and a woman":
+    the first --code is the man); every prompt must contain every concept."""
+    from model import clip, mapper
+
     if not args.code:
         if args.concept:
             raise UserError("--concept needs a --code to instantiate it")
         return []
-    if not os.path.isfile(args.mapper):
+    for code in args.code:
+        mapper.code_to_z(code, 1)  # the code's range, in one sentence
+    if args.concept and len(args.concept) != len(args.code):
+        raise UserError(f"{len(args.code)} --code but {len(args.concept)} --concept given; give one concept per code, or none")
+    tokenizer = clip.Tokenizer.bundled(pad="eos")
+    ids = tokenizer(prompts)
+
+    def position(word, b):
+        return mapper.find_concept(ids[b].tolist(), tokenizer.encode(word), word=word, prompt=prompts[b])
+
+    concepts = list(args.concept)
+    if not concepts:
+        found = []
+        for word in DEFAULT_CONCEPTS:
+            try:
+                found.append((position(word, 0), word))
+            except UserError:
+                continue
+        if len(found) < len(args.code):
+            raise UserError(
+                f"found {len(found)} concept word(s) ({', '.join(DEFAULT_CONCEPTS)}) in the prompt {prompts[0]!r} "
+                f"for {len(args.code)} --code; name one per code with --concept WORD"
+            )
+        concepts = [word for _, word in sorted(found)[: len(args.code)]]
+    for b in range(len(prompts)):
+        for word in concepts:
+            position(word, b)  # raises: the concept word does not appear in this prompt
+    return concepts
+
+
+def mapper_file(path: str) -> str:
+    """--mapper: the file, or a train.py run folder holding mapper.safetensors."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "mapper.safetensors")):
+        return os.path.join(path, "mapper.safetensors")
+    if not os.path.isfile(path):
         raise UserError(
-            f"no trained mapper at {args.mapper}; train one with `python train.py --data celeba/` "
+            f"no trained mapper at {path}; train one with `python train.py --data celeba/` "
             "(it writes runs/cocoins/mapper.safetensors) and pass it with --mapper, or copy it to weights/mapper.safetensors"
         )
-    if args.concept:
-        if len(args.concept) != len(args.code):
-            raise UserError(f"{len(args.code)} --code but {len(args.concept)} --concept given; give one concept per code, or none")
-        return list(args.concept)
-    words = prompts[0].lower().replace(",", " ").replace(".", " ").split()
-    found = [c for c in DEFAULT_CONCEPTS if c in words]
-    if len(found) < len(args.code):
-        raise UserError(
-            f"found {len(found)} concept word(s) ({', '.join(DEFAULT_CONCEPTS)}) in the prompt {prompts[0]!r} "
-            f"for {len(args.code)} --code; name one per code with --concept WORD"
-        )
-    return found[: len(args.code)]
+    return path
 
 
-def subjects_from_codes(codes, concepts, mapper_path, device, dtype):
+def subjects_from_codes(codes, concepts, f, model, dtype):
     """CoCoIns: each code -> z -> the mapper's pseudo-words, paired with its concept word."""
     from model import mapper
 
-    f = mapper.load_mapper(mapper_path, device=device)
+    widths = (model.clip_l.config.width, model.clip_g.config.width)
+    if tuple(f.config.token_widths) != widths:
+        raise UserError(f"--mapper was trained for text encoders of widths {tuple(f.config.token_widths)}, but these "
+                        f"weights have {widths}; use a mapper trained on this model")
+    device = model.device
+    f = f.to(device)
     subjects = []
     for code, concept in zip(codes, concepts):
         z = mapper.code_to_z(code, f.config.z_dim).to(device)
@@ -165,8 +227,6 @@ def main(argv=None):
     if not prompts or any(not p.strip() for p in prompts):
         raise UserError("every --prompt must be non-empty text")
     check_size(args.width, args.height)
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: use at least 1 step")
     seeds = seeds_from(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -177,7 +237,16 @@ def main(argv=None):
     # Check what can be checked before spending a minute loading 7 GB.
     if args.cuda_graphs:
         check_cuda_graphs(device, args.offload)
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
+    if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
+        raise UserError(f"--steps {args.steps}: use at least 1 step and at most {ddim.T - ddim.STEPS_OFFSET}")
     concepts = subject_concepts(args, prompts)
+    f = None
+    if args.code:
+        from model import mapper
+
+        f = mapper.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
              for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds)]
@@ -191,7 +260,7 @@ def main(argv=None):
         model.compile(args.compile)
     if args.cuda_graphs:
         model.enable_cuda_graphs()
-    subjects = subjects_from_codes(args.code, concepts, args.mapper, device, dtype) if args.code else None
+    subjects = subjects_from_codes(args.code, concepts, f, model, dtype) if args.code else None
 
     images = []
     k = 0
@@ -213,6 +282,12 @@ def main(argv=None):
                 cmd += ["--negative-prompt", args.negative_prompt]
             for c, s in zip(args.code, subjects or []):
                 cmd += ["--code", str(c), "--concept", s[2]]
+            # what else decides the pixels: the weights, the mapper, the precision
+            for flag, value in (("--weights", args.weights), ("--vae", args.vae),
+                                ("--mapper", args.mapper if args.code and args.mapper != DEFAULT_MAPPER else None)):
+                if value:
+                    cmd += [flag, value]
+            cmd += ["--dtype", str(dtype).replace("torch.", "")]
             info.add_text("command", shlex.join(cmd))
             Image.fromarray(img).save(paths[k], pnginfo=info)
             print(paths[k])

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("runs", "cocoins"), help="run folder: mapper.safetensors, state.pt, log.jsonl, samples/")
     p.add_argument("--cache-dir", default=None, help="where VAE latents are cached (default: latent_cache/ beside the run folder, shared by runs; never inside --data, which may be read-only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (without it, an existing run is never overwritten)")
-    # Schedule. 10k steps of batch 4 show each of the paper's 20k training images twice.
+    # Schedule (the paper gives none): 10k steps of batch 4 show 40k images, a fifth of CelebA's 202,599.
     p.add_argument("--steps", type=int, default=10_000, help="total training steps K (λ_neg reaches γ at step K)")
     # 4 triplets (12 UNet passes with gradients) fit an 80 GB GPU at 1024 px; less memory: --grad-checkpointing.
     p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (each gives one triplet)")
@@ -150,6 +150,11 @@ def check_args(args):
         raise UserError(f"--t-min {args.t_min} --t-max {args.t_max}: need 0 <= t-min < t-max <= {ddim.T}")
     if args.sample_every < 0 or args.num_workers < 0 or args.seed < 0 or args.weight_decay < 0:
         raise UserError("--sample-every, --num-workers, --seed and --weight-decay must not be negative")
+    weights = {"--gamma": args.gamma, "--beta": args.beta, "--lambda-con": args.lambda_con,
+               "--lambda-back": args.lambda_back}
+    for flag, value in weights.items():
+        if not (math.isfinite(value) and value >= 0):  # negative: a term's sign flips, or λ_neg decreases
+            raise UserError(f"{flag} {value} must be a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +226,8 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
     concepts = batch["concept"]
     x0, eps1, eps2 = x0.to(device).float(), noise.eps1.to(device), noise.eps2.to(device)
     t = noise.t.to(device)
-    alpha_bar_t = ddim.alpha_bars().to(device)[t]  # (B,) float64
+    # (B,) float64, kept on the CPU: the coefficients' float64 math runs there (MPS has no float64)
+    alpha_bar_t = ddim.alpha_bars()[noise.t.cpu()]
     time_ids = batch["time_ids"].to(device)
     mask = batch["mask"].to(device)
 
@@ -309,7 +315,9 @@ def rng_states() -> dict:
 def set_rng_states(states: dict):
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # one state per GPU the saving run saw; a resumed run may see fewer
+        for i, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, key, pos, has_gauss, cached = states["numpy"]
@@ -366,8 +374,14 @@ def trim_log(path: str, step: int):
     """Drop log lines past `step`: those of a stopped run's steps after its last checkpoint."""
     if not os.path.isfile(path):
         return
+    def keep(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short (disk full, power loss)
+            return False
+
     with open(path, encoding="utf-8") as fh:
-        kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line if line.endswith("\n") else line + "\n" for line in fh if line.strip() and keep(line)]
     with open(path, "w", encoding="utf-8") as fh:
         fh.writelines(kept)
 
@@ -460,8 +474,11 @@ def resume(args, f: Mapper, optimizer) -> tuple[int, int, int, str]:
                         f"the same, or start a new run with another --out")
     f.load_state_dict(state["mapper"])
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_states(state["rng"])
     # The command line wins (e.g. a lower --lr after a NaN, more --steps); say what changed.
+    # load_state_dict brought back the saved learning rate and weight decay with the moments.
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    set_rng_states(state["rng"])
     changed = "".join(f"; {k} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
                       if k != "resume" and getattr(args, k, v) != v)
     return state["step"], state["epoch"], state["position"], changed
@@ -525,7 +542,7 @@ def train(args, device: torch.device, rank: int, world: int):
         while step < args.steps:
             if position >= steps_per_epoch:
                 epoch, position = epoch + 1, 0
-            for batch in make_loader(dataset, epoch, position, args, rank, world, device.type == "cuda"):
+            for batch in worker_errors(make_loader(dataset, epoch, position, args, rank, world, device.type == "cuda")):
                 x0 = dataset.cache.fill(batch)
                 noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
                 try:
@@ -570,6 +587,19 @@ def train(args, device: torch.device, rank: int, world: int):
             log.close()
     mapper_path = files["mapper.safetensors"]
     say(rank, f"done: {mapper_path} (try `python sample.py --mapper {mapper_path} --code 42 --prompt \"a woman reading\"`)")
+
+
+def worker_errors(loader):
+    """The loader's batches. A UserError raised in a DataLoader worker (the dataset's "images in a
+    row could not be read") reaches the main process with the worker's traceback in its message:
+    it is raised again as its own sentence."""
+    try:
+        yield from loader
+    except UserError as e:
+        text = str(e).strip()
+        if "Original Traceback" not in text:
+            raise
+        raise UserError(text.splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 def diverged(args, step: int, loss: float, grad_norm: float, last_checkpoint: int | None) -> str:

@@ -81,7 +81,8 @@ def _per_sample(c, x: torch.Tensor):
     """A coefficient (a Python float, or a (B,) tensor with one value per sample) in a form that
     multiplies x (B, …): tensors are cast to x's dtype and device only after their float64 math."""
     if isinstance(c, torch.Tensor):
-        return c.to(device=x.device, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        # cast where c is, then move: a float64 tensor never reaches a device without float64 (MPS)
+        return c.to(dtype=x.dtype).to(x.device).reshape(-1, *[1] * (x.ndim - 1))
     return c
 
 

@@ -134,6 +134,10 @@ def describe_foreign(shapes: dict) -> str | None:
     missing = [name for name, prefix in PREFIX.items() if not has(prefix)]
     if missing:
         return f"not an SDXL base single file: it has no {', '.join(missing)} weights (expected key prefixes {', '.join(PREFIX[m] for m in missing)})"
+    conv_in = shapes.get(PREFIX["unet"] + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        return (f"an SDXL whose UNet takes {conv_in[1]} input channels, not 4 (an inpainting or other "
+                f"special-purpose model); use SDXL base or a fine-tune of it")
     return None
 
 
@@ -330,12 +334,18 @@ class CUDAGraphed:
         if key not in self.graphs:
             self.graphs[key] = self._record(inputs)
         graph, buffers, output = self.graphs[key]
-        for buffer, x in zip(buffers, inputs):
-            buffer.copy_(x)
-        graph.replay()
-        return output.clone()
+        # (on the inputs' GPU, which need not be the current one: --device cuda:1)
+        with torch.cuda.device(inputs[0].device):
+            for buffer, x in zip(buffers, inputs):
+                buffer.copy_(x)
+            graph.replay()
+            return output.clone()
 
     def _record(self, inputs):
+        with torch.cuda.device(inputs[0].device):  # streams and the recording on the inputs' GPU
+            return self._record_here(inputs)
+
+    def _record_here(self, inputs):
         buffers = [x.clone(memory_format=torch.contiguous_format) for x in inputs]
         # Warm-up on a side stream (PyTorch's recipe): lazy initialisation (cuBLAS handles,
         # torch.compile's compilation, the allocator's first blocks) must not be recorded.
@@ -484,11 +494,15 @@ class SDXL:
                     time_ids=torch.cat([time_ids, time_ids]))
 
         unet_step = self.graphed_unet or self.unet
+        if guidance == 1:  # ε̂ = ε_c: the unconditional half is never read, so never computed
+            cond = {k: v[:1] for k, v in cond.items()}
 
         def eps_fn(x_t, t):
+            if guidance == 1:
+                return unet_step(x_t.to(self.dtype), t, cond["context"], cond["pooled"], cond["time_ids"]).float(), None
             x_in = torch.cat([x_t, x_t]).to(self.dtype)
             eps_c, eps_u = unet_step(x_in, t.expand(2), cond["context"], cond["pooled"],
-                                          cond["time_ids"]).float().chunk(2)
+                                     cond["time_ids"]).float().chunk(2)
             return eps_c, eps_u
 
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -84,19 +84,33 @@ GROUP_NORM_CHUNK = 2**26
 def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(variance, mean) of each (sample, group), shaped (B, G, 1), in float32 (float64 for float64 x)."""
     B, acc = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-    xg = x.reshape(B, groups, -1)
+    xg = x.reshape(B * groups, -1)  # one row per (sample, group)
     # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
     # bfloat16 values lose the digits that matter. They come from float32 copies of a few
     # groups at a time, so a 1024 px VAE activation is never copied whole.
     # Not F.group_norm: its statistics kernel runs one thread block per (sample, group), 32
     # blocks for one image on a 132-SM GPU; var_mean spreads a group over the whole GPU
     # (bf16 1024 px VAE decode on one H200: 104 ms with F.group_norm, 64 ms with this).
-    step = groups if x.dtype == acc else max(1, GROUP_NORM_CHUNK // xg[0, 0].numel() // B)
-    stats = [torch.var_mean(xg[:, i : i + step].to(acc), dim=-1, correction=0, keepdim=True)
-             for i in range(0, groups, step)]
-    if len(stats) == 1:
-        return stats[0]
-    return torch.cat([v for v, _ in stats], 1), torch.cat([m for _, m in stats], 1)
+    rows = len(xg) if x.dtype == acc else max(1, GROUP_NORM_CHUNK // xg.shape[1])
+    stats = [torch.var_mean(xg[i : i + rows].to(acc), dim=-1, correction=0, keepdim=True)
+             for i in range(0, len(xg), rows)]
+    var, mean = stats[0] if len(stats) == 1 else (torch.cat([v for v, _ in stats]), torch.cat([m for _, m in stats]))
+    return var.view(B, groups, 1), mean.view(B, groups, 1)
+
+
+def normalize(x, var, mean, weight, bias, eps, rounded_on_write: bool):
+    """y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
+    in float32 (a bfloat16 x is promoted), rounded once to x's dtype."""
+    B, C, G = x.shape[0], x.shape[1], var.shape[1]
+    a = weight.to(var.dtype).view(1, G, C // G) * torch.rsqrt(var + eps)  # (B, G, C/G)
+    b = bias.to(var.dtype).view(1, G, C // G) - mean * a
+    shape = (B, C) + (1,) * (x.ndim - 2)
+    a, b = a.reshape(shape), b.reshape(shape)
+    if x.dtype == var.dtype or not rounded_on_write:
+        return torch.addcmul(b, x, a).to(x.dtype)
+    # the float32 result is rounded as it is written (on a GPU, inside the kernel), never held
+    # whole in float32
+    return torch.addcmul(b, x, a, out=torch.empty_like(x))
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -109,24 +123,10 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x):
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
         if torch.compiler.is_compiling():
-            return self.normalize(x, *group_norm_stats(x, self.num_groups), rounded_on_write=False)
+            return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, False)
         if grad:  # training: the backward pass keeps x in its own dtype, not a float32 copy
-            return _GroupNormFunction.apply(x, self.weight, self.bias, self)
-        return self.normalize(x, *group_norm_stats(x, self.num_groups), rounded_on_write=True)
-
-    def normalize(self, x, var, mean, rounded_on_write: bool):
-        """y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
-        in float32 (a bfloat16 x is promoted), rounded once to x's dtype."""
-        B, C, G = x.shape[0], x.shape[1], self.num_groups
-        a = self.weight.to(var.dtype).view(1, G, C // G) * torch.rsqrt(var + self.eps)  # (B, G, C/G)
-        b = self.bias.to(var.dtype).view(1, G, C // G) - mean * a
-        shape = (B, C) + (1,) * (x.ndim - 2)
-        a, b = a.reshape(shape), b.reshape(shape)
-        if x.dtype == var.dtype or not rounded_on_write:
-            return torch.addcmul(b, x, a).to(x.dtype)
-        # the float32 result is rounded as it is written (on a GPU, inside the kernel), never
-        # held whole in float32
-        return torch.addcmul(b, x, a, out=torch.empty_like(x))
+            return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, True)
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -135,13 +135,14 @@ class _GroupNormFunction(torch.autograd.Function):
     training step. The backward is PyTorch's own group-norm gradient, run in float32."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, norm):
-        var, mean = group_norm_stats(x, norm.num_groups)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + norm.eps))
-        ctx.groups = norm.num_groups
-        return norm.normalize(x, var, mean, rounded_on_write=True)
+    def forward(ctx, x, weight, bias, groups, eps):
+        var, mean = group_norm_stats(x, groups)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.groups = groups
+        return normalize(x, var, mean, weight, bias, eps, rounded_on_write=True)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (PyTorch's group-norm gradient has no gradient itself)
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         B, C, acc = x.shape[0], x.shape[1], mean.dtype
@@ -150,7 +151,7 @@ class _GroupNormFunction(torch.autograd.Function):
             weight.to(acc), B, C, x[0, 0].numel(), ctx.groups, [True, *ctx.needs_input_grad[1:3]])
         return (dx.to(x.dtype),
                 None if dweight is None else dweight.to(weight.dtype),
-                None if dbias is None else dbias.to(weight.dtype), None)
+                None if dbias is None else dbias.to(weight.dtype), None, None)
 
 
 class ResBlock(nn.Module):
@@ -295,26 +296,31 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour ×2, then a 3×3 convolution."""
+    """Double the resolution: nearest-neighbour ×2 (or to `size`), then a 3×3 convolution."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        # `size`: the skip connection's size, which is not 2× ours when a level had an odd size
+        # (a 1000 px image: latents of 125 -> 63 -> 32 on the way down, 32 -> 63 -> 125 up)
+        return self.conv(F.interpolate(x, size=size, mode="nearest") if size else
+                         F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Block(nn.Sequential):
     """One numbered entry of input_blocks / output_blocks / middle_block (sgm's
     TimestepEmbedSequential): ResBlocks get emb, SpatialTransformers get the context."""
 
-    def forward(self, h, emb, context):
+    def forward(self, h, emb, context, size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
+            elif isinstance(layer, Upsample):
+                h = layer(h, size)
             else:
                 h = layer(h)
         return h
@@ -379,10 +385,10 @@ class UNet(nn.Module):
         # Training sets this: each block's activations are recomputed in backward instead of stored.
         self.gradient_checkpointing = False
 
-    def _run(self, block, h, emb, context):
+    def _run(self, block, h, emb, context, size=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, size, use_reentrant=False)
+        return block(h, emb, context, size)
 
     def forward(self, x_t, t, context, pooled, time_ids):
         """ε̂ = ε_θ(x_t, t, context, y) with y = pooled ++ sinusoids(time_ids).
@@ -409,8 +415,10 @@ class UNet(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
 
         # Up the U: each block starts from [h, the mirror-image skip] concatenated along channels.
+        # An Upsample meets the size of the skip connection the next block takes.
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
 
         return self.out(h)
 
@@ -606,7 +614,9 @@ def compile_unet(unet: UNet, mode: str = "regional") -> UNet:
     # PITFALL: dynamo keeps at most `recompile_limit` (8) compiled versions of one function;
     # past that, with fullgraph=True, it raises. Regional compilation of SDXL needs twelve
     # versions of ResBlock.forward per image size and batch, so the limit is raised.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # (`cache_size_limit` before PyTorch 2.7)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if mode == "full":
         unet.compile(dynamic=False, fullgraph=True)
         return unet

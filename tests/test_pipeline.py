@@ -47,11 +47,12 @@ CASES = [
     ("a woman reading a book in a cafe", "", 0, 5, 5.0, 0.0),
     ("a portrait photo of a man, studio lighting", "blurry, low quality", 7, 4, 7.5, 0.0),
     ("a lighthouse at dawn", "", 3, 3, 5.0, 1.0),
+    ("a red bicycle by a wall", "", 5, 3, 1.0, 0.0),  # no guidance: the conditional half alone
 ]
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "single_file"])
-@pytest.mark.parametrize("case", CASES, ids=["plain", "negative_prompt", "eta1"])
+@pytest.mark.parametrize("case", CASES, ids=["plain", "negative_prompt", "eta1", "guidance1"])
 def test_sample_py_reproduces_diffusers_image(tiny, tmp_path, layout, case):
     pipe, folder, single = tiny
     prompt, negative, seed, steps, guidance, eta = case

@@ -72,6 +72,10 @@ CODE_RUNS = {
     "no_code": ["--prompt", READING],
     "two_subjects": ["--code", 1, "--concept", "man", "--code", 2, "--concept", "woman",
                      "--prompt", "a man and a woman talking in a park"],
+    # concepts found as CLIP tokens, in the order the prompt names them
+    "two_subjects_found": ["--code", 1, "--code", 2, "--prompt", "a man and a woman talking in a park"],
+    "possessive": ["--code", 1, "--prompt", "a woman's portrait, (smiling)"],
+    "mapper_folder": ["--code", 1, "--prompt", READING, "--mapper", "MAPPER_FOLDER"],
 }
 # Mistakes: name -> (arguments after --weights, what the one error line must say).
 MISTAKES = {
@@ -84,10 +88,19 @@ MISTAKES = {
     "png_for_several_images": (["--prompt", "a cat", "--num-images", 2, "--out", "x.png"], "names one file but 2 images"),
     "zero_images": (["--prompt", "a cat", "--num-images", 0], "ask for at least one image"),
     "zero_steps": (["--prompt", "a cat", "--steps", 0], "use at least 1 step"),
+    "too_many_steps": (["--prompt", "a cat", "--steps", 2000], "--steps 2000: use at least 1 step and at most 999"),
+    "eta_above_1": (["--prompt", "a cat", "--eta", 2], "--eta 2.0: use a number from 0"),
+    "seed_out_of_range": (["--prompt", "a cat", "--seed", 2**64], "a seed is a whole number from 0 to 2**64 - 1"),
+    "negative_code": (["--prompt", "a woman", "--code", -1], "a code must be a whole number from 0"),
+    "mapper_is_not_a_mapper": (["--prompt", "a woman", "--code", 1, "--mapper", "WEIGHTS"],
+                               "is not a CoCoIns mapper checkpoint"),
+    "jpg_out": (["--prompt", "a cat", "--out", "x.jpg"], "images are written as PNG"),
+    "out_is_a_file": (["--prompt", "a cat", "--out", "A_FILE"], "is a file, not a folder"),
+    "concept_missing_in_second_prompt": (["--code", 1, "--prompt", "a woman reading", "--prompt", "a man surfing"],
+                                         "the concept word 'woman' does not appear in the prompt 'a man surfing'"),
     "code_without_mapper": (["--prompt", "a woman", "--code", 1, "--mapper", "no/mapper.safetensors"],
                             "train one with `python train.py"),
     "concept_without_code": (["--prompt", "a woman", "--concept", "woman"], "--concept needs a --code"),
-    # These two load the model before the prompt is tokenized (--mapper is added below).
     "concept_not_in_prompt": (["--code", 1, "--concept", "dog", "--prompt", "a woman reading"],
                               "the concept word 'dog' does not appear in the prompt 'a woman reading'"),
     "no_concept_word_in_prompt": (["--code", 1, "--prompt", "a lighthouse"], "name one per code with --concept WORD"),
@@ -107,8 +120,13 @@ def runs(tiny, tmp_path_factory):
     single, folder, mapper = tiny
     tmp = tmp_path_factory.mktemp("runs")
     commands, outs = {}, {}
+    (tmp / "mapper_folder").mkdir()
+    (tmp / "mapper_folder" / "mapper.safetensors").write_bytes(open(mapper, "rb").read())
+    (tmp / "a_file").write_text("not a folder")
+    stand_in = {"MAPPER_FOLDER": tmp / "mapper_folder", "WEIGHTS": single, "A_FILE": tmp / "a_file"}
     for name, args in CODE_RUNS.items():
         outs[name] = tmp / name
+        args = [stand_in.get(a, a) for a in args]
         commands[name] = dict(args=["--weights", single, "--mapper", mapper, "--seed", 0, "--out", outs[name], *FAST, *args])
     # --vae: the no_code run again with another VAE.
     other = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae")))
@@ -118,6 +136,7 @@ def runs(tiny, tmp_path_factory):
     commands["other_vae"] = dict(args=["--weights", single, "--vae", tmp / "other_vae", "--seed", 0,
                                        "--out", outs["other_vae"], "--prompt", READING, *FAST])
     for name, (args, _) in MISTAKES.items():
+        args = [stand_in.get(a, a) for a in args]
         commands[name] = dict(args=["--weights", single, "--mapper", mapper, "--out", tmp / name, *FAST, *args])
     for kind in NOT_SDXL:
         os.makedirs(tmp / kind)
@@ -171,6 +190,24 @@ def test_two_subjects_in_one_prompt_run_and_are_recorded_in_the_png(runs):
     assert "--code 1 --concept man --code 2 --concept woman" in png.text["command"]
 
 
+def test_concept_words_are_found_as_tokens_in_the_order_the_prompt_names_them(runs):
+    """--code 1 --code 2 on "a man and a woman": code 1 is the man, exactly as with --concept."""
+    found = output(runs, "two_subjects_found", "000-seed0-code1-code2.png")
+    assert np.array_equal(found, output(runs, "two_subjects", "000-seed0-code1-code2.png"))
+    png = Image.open(runs["possessive"][1] / "000-seed0-code1.png")
+    assert json.loads(png.text["parameters"])["concept"] == ["woman"]
+
+
+def test_the_png_command_names_everything_that_decides_the_pixels(runs):
+    command = Image.open(runs["code1_again"][1] / "000-seed0-code1.png").text["command"]
+    assert "--weights " in command and "--mapper " in command and "--dtype float32" in command
+
+
+def test_mapper_may_be_a_train_py_run_folder(runs):
+    assert np.array_equal(output(runs, "mapper_folder", "000-seed0-code1.png"),
+                          output(runs, "code1_again", "000-seed0-code1.png"))
+
+
 def test_vae_flag_changes_the_decoded_image(runs):
     assert np.abs(output(runs, "other_vae") - output(runs, "no_code", "000-seed0.png")).mean() > 1
 
@@ -179,21 +216,23 @@ def test_vae_flag_changes_the_decoded_image(runs):
 # Mistakes: one `error:` line each, no traceback
 # ----------------------------------------------------------------------------------------------
 
-def assert_one_error_line(r, says: str):
+def assert_one_error_line(r, says: str, before_loading=False):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     # Only the status line may come before the error (for mistakes found once the weights are loaded).
     assert all(line.startswith("loading SDXL from ") for line in lines[:-1]), r.stderr
     assert lines[-1].startswith("error: ") and says in lines[-1], r.stderr
+    if before_loading:  # a user's mistake costs no minute of loading 7 GB
+        assert len(lines) == 1, r.stderr
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.skipif(name == "mps_without_mps" and torch.backends.mps.is_available(),
                                                 reason="this machine has MPS"))
     for name in MISTAKES])
-def test_a_mistake_ends_in_one_error_line(runs, name):
-    assert_one_error_line(runs[name][0], MISTAKES[name][1])
+def test_a_mistake_ends_in_one_error_line_before_anything_loads(runs, name):
+    assert_one_error_line(runs[name][0], MISTAKES[name][1], before_loading=True)
 
 
 @pytest.mark.parametrize("kind", NOT_SDXL)

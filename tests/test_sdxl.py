@@ -284,6 +284,16 @@ def _refiner(tmp, single, folder):
     return path
 
 
+def _inpainting(tmp, single, folder):
+    # SDXL inpainting: the UNet's first convolution takes 9 channels (latent, mask, masked image)
+    sd = load_file(single)
+    w = sd["model.diffusion_model.input_blocks.0.0.weight"]
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 9, *w.shape[2:])
+    path = os.path.join(tmp, "sd_xl_base_1.0_inpainting_0.1.safetensors")
+    save_file(sd, path)
+    return path
+
+
 def _truncated(tmp, single, folder):
     path = os.path.join(tmp, "sd_xl_base_1.0.safetensors")
     with open(single, "rb") as f, open(path, "wb") as out:
@@ -327,6 +337,7 @@ FOREIGN = {
     "lora": (_write({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}),
              "is a LoRA"),
     "refiner": (_refiner, "is the SDXL refiner"),
+    "inpainting": (_inpainting, "takes 9 input channels, not 4 (an inpainting"),
     "truncated": (_truncated, "truncated or corrupt"),
     "random_bytes": (_random_bytes, "truncated or corrupt"),
     "pickle_ckpt": (_ckpt, "is a PyTorch pickle checkpoint"),

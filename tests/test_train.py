@@ -161,6 +161,8 @@ def test_resume_without_a_run_is_a_user_error(tiny, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", 0], "--batch-size 0 must be positive"),
     (["--resolution", 60], "multiple of 8"),
+    (["--gamma", -1], "--gamma -1.0 must be a finite number >= 0"),
+    (["--beta", "nan"], "--beta nan must be a finite number >= 0"),
     (["--t-min", 800, "--t-max", 200], "t-min < t-max"),
     (["--steps", 0], "--steps 0 must be positive"),
 ])
@@ -270,6 +272,61 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny, 
     state_a = torch.load(whole / "state.pt", weights_only=True)["optimizer"]["state"]
     state_b = torch.load(killed / "state.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+
+
+def test_resume_takes_the_learning_rate_and_weight_decay_of_its_command_line(tiny, tmp_path, monkeypatch):
+    """The NaN message says "continue with --resume and a lower --lr": the optimizer's saved
+    state must not bring the old rate back."""
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--lr", "1e-3", steps=1))
+    used, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        used.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    train.main(argv(tiny, out, "--lr", "1e-6", "--weight-decay", "0.5", "--resume", steps=2))
+    assert used == [(1e-6, 0.5)]
+
+
+def test_a_log_line_cut_short_does_not_stop_a_resume(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    train.trim_log(str(log), 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_cuda_generator_states_of_more_gpus_than_this_machine_has_are_skipped(monkeypatch):
+    """A run saved under torchrun on 8 GPUs, resumed on one: one state is restored, no IndexError."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    states = train.rng_states() | {"cuda": [torch.zeros(8, dtype=torch.uint8)] * 8}
+    train.set_rng_states(states)
+    assert restored == [0]
+
+
+def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(tiny, tmp_path, monkeypatch):
+    """The dataset's error is raised inside a DataLoader worker, which wraps it in its traceback."""
+    import shutil
+
+    data = tmp_path / "celeba"
+    shutil.copytree(tiny.data, data)
+    original = train.CelebA.__init__
+
+    def then_vanish(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for path in data.rglob("*.jpg"):
+            path.unlink()
+
+    args = argv(tiny, tmp_path / "run")
+    args[args.index("--data") + 1], args[args.index("--num-workers") + 1] = str(data), "1"
+    monkeypatch.setattr(train.CelebA, "__init__", then_vanish)
+    with pytest.raises(UserError) as e:
+        train.main(args)
+    assert str(e.value).startswith("6 images in a row could not be read from") and "Traceback" not in str(e.value)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):

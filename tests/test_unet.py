@@ -410,3 +410,17 @@ def test_from_diffusers_rejects_tensors_that_are_not_a_diffusers_unet():
     with pytest.raises(CheckpointError) as e:
         U.from_diffusers({k: torch.empty(v, device="meta") for k, v in OFFICIAL.items()})
     assert "not a diffusers UNet" in str(e.value) and one_sentence(str(e.value))
+
+
+def test_latents_of_any_multiple_of_8_px_match_diffusers(reference):
+    """A 1000 px image has 125 x 125 latents: 125 -> 63 -> 32 down, and each Upsample must meet
+    its skip connection's size (as diffusers' upsample_size does), not double."""
+    ref, _, official_file, _ = reference
+    unet = load(official_file, "official")
+    x = inputs(size=13)  # 104 px: 13 -> 7 -> 4
+    with torch.no_grad():
+        expected = ref(x["x_t"], x["t"], encoder_hidden_states=x["context"],
+                       added_cond_kwargs={"text_embeds": x["pooled"], "time_ids": x["time_ids"]}).sample
+        eps = unet(**x)
+    assert eps.shape == x["x_t"].shape
+    assert rel_err(eps, expected) < 1e-4
