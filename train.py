@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (each gives one triplet)")
     p.add_argument("--resolution", type=int, default=1024, help="training size in pixels (SDXL's native 1024; latents are 1/8)")
     p.add_argument("--split", default="all", choices=["all", "train", "valid", "test"], help="CelebA partition (list_eval_partition.txt); f needs no held-out faces")
-    p.add_argument("--crop", default="center", choices=["center", "random"], help="square crop after resizing the shorter side (passed to SDXL's micro-conditioning)")
+    p.add_argument("--crop", default="center", choices=["center", "random"], help="square crop after resizing the shorter side (passed to SDXL's micro-conditioning); random crops differ every epoch, so each epoch encodes and caches new latents")
     # AdamW moves each weight by about lr per step: 1e-4 lets f's weights (He-initialised, ~0.04)
     # drift by their own size over the run when the gradient is consistent, and far less when it is noise.
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
