@@ -122,7 +122,7 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x):
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and chooses what to keep
             return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, False)
         if grad:  # training: the backward pass keeps x in its own dtype, not a float32 copy
             return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
@@ -148,7 +148,8 @@ class _GroupNormFunction(torch.autograd.Function):
         B, C, acc = x.shape[0], x.shape[1], mean.dtype
         dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
             grad.to(acc).contiguous(), x.to(acc).contiguous(), mean.reshape(B, -1), rstd.reshape(B, -1),
-            weight.to(acc), B, C, x[0, 0].numel(), ctx.groups, [True, *ctx.needs_input_grad[1:3]])
+            weight.to(acc), B, C, x[0, 0].numel(), ctx.groups,  # N, C, H·W, groups
+            [True, *ctx.needs_input_grad[1:3]])  # which of dx, dweight, dbias to compute
         return (dx.to(x.dtype),
                 None if dweight is None else dweight.to(weight.dtype),
                 None if dbias is None else dbias.to(weight.dtype), None, None)
