@@ -1,6 +1,6 @@
 """Numerical parity of our SDXL with diffusers and transformers, at full size, on the GPU.
 
-    python gpu_check.py           # the official shapes on the GPU (about a minute on one H200)
+    python gpu_check.py           # the official shapes on the GPU (about 1.5 minutes on one H200, a guess since the image and gradient checks were added)
     python gpu_check.py --tiny    # the same checks on tiny models: checks this script on a CPU
     bash gpu_run.sh               # this, then bench.py, as BENCHMARKS.md reports them
 
