@@ -267,18 +267,20 @@ class GPUCheck:
             eager = ours16(*bf16_inputs)
             self.checks.check("UNet bf16 vs fp32", rel_err(eager, ref), limit, diffusers_bf16=theirs_err)
             self.each_backend("UNet", lambda: ours16(*bf16_inputs), ref, limit)
+        self.compile_inputs = ours16, bf16_inputs, ref, eager, limit
         if self.device.type == "cuda":
             self.guarded("DDIM loop synchronisations", lambda: self.sync_per_step(ours16))
-            with torch.no_grad():
-                graphed = CUDAGraphed(ours16)
-                graphed(*bf16_inputs)  # records
-                out = graphed(*bf16_inputs)
-            self.checks.check("UNet bf16 --cuda-graphs vs fp32", rel_err(out, ref), limit, vs_eager=rel_err(out, eager))
-            del graphed
+            self.guarded("UNet bf16 --cuda-graphs", lambda: self.cuda_graph(ours16, bf16_inputs, ref, eager, limit))
         else:
             self.checks.skip("DDIM loop synchronisations", "CUDA only")
             self.checks.skip("UNet bf16 --cuda-graphs", "CUDA only")
-        self.compile_inputs = ours16, bf16_inputs, ref, eager, limit
+
+    def cuda_graph(self, ours16, bf16_inputs, ref, eager, limit):
+        with torch.no_grad():
+            graphed = CUDAGraphed(ours16)
+            graphed(*bf16_inputs)  # records
+            out = graphed(*bf16_inputs)
+        self.checks.check("UNet bf16 --cuda-graphs vs fp32", rel_err(out, ref), limit, vs_eager=rel_err(out, eager))
 
     def unet_compiled(self):
         ours16, bf16_inputs, ref, eager, limit = self.compile_inputs

@@ -497,11 +497,13 @@ class SDXL:
         if guidance == 1:  # ε̂ = ε_c: the unconditional half is never read, so never computed
             cond = {k: v[:1] for k, v in cond.items()}
 
+        # (inputs contiguous, as bench.py's: a compiled UNet's guards include strides)
         def eps_fn(x_t, t):
             if guidance == 1:
-                return unet_step(x_t.to(self.dtype), t, cond["context"], cond["pooled"], cond["time_ids"]).float(), None
+                return unet_step(x_t.to(self.dtype), t.repeat(1), cond["context"], cond["pooled"],
+                                 cond["time_ids"]).float(), None
             x_in = torch.cat([x_t, x_t]).to(self.dtype)
-            eps_c, eps_u = unet_step(x_in, t.expand(2), cond["context"], cond["pooled"],
+            eps_c, eps_u = unet_step(x_in, t.repeat(2), cond["context"], cond["pooled"],
                                      cond["time_ids"]).float().chunk(2)
             return eps_c, eps_u
 
