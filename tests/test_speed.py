@@ -93,6 +93,12 @@ def test_a_compiled_sampling_loop_does_not_recompile_after_its_first_step(models
     with torch._dynamo.config.patch(error_on_recompile=True):
         image = sdxl.generate("a woman reading", seed=3, steps=3, width=PX, height=PX)
         sdxl.generate("a man surfing", seed=4, steps=4, guidance=7.5, width=PX, height=PX)
+        # bench.py's step inputs, and contiguous copies as CUDAGraphed records with, are the
+        # sampling loop's dtypes and strides: the same compiled graph (guards include strides)
+        inputs = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32)
+        with torch.no_grad():
+            sdxl.unet(*inputs)
+            sdxl.unet(*[x.clone(memory_format=torch.contiguous_format) for x in inputs])
     assert graphs_compiled() == before
     assert np.abs(image.astype(int) - reference_image).max() <= 1
 
