@@ -77,15 +77,16 @@ def attention_reference(q, k, v, mask=None, is_causal=False):
 
 def attention(q, k, v, mask=None, is_causal=False):
     """Multi-head attention on (B, heads, L, D) tensors through the selected backend."""
-    B, H, Lq, _ = q.shape
     unfused = _backend in ("math", "reference") or q.shape[-1] > FUSED_MAX_HEAD_DIM
-    rows = max(1, MAX_SCORE_BYTES // (4 * B * H * k.shape[-2]))  # queries per chunk
-    if unfused and Lq > rows and mask is None and not is_causal:
-        # (the masked and causal calls are the text encoders': 77 tokens, never chunked)
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        for i in range(0, Lq, rows):
-            out[:, :, i : i + rows] = _attention(q[:, :, i : i + rows], k, v)
-        return out
+    # (the masked and causal calls are the text encoders': 77 tokens, never chunked)
+    if unfused and mask is None and not is_causal:
+        B, H, Lq, _ = q.shape
+        rows = max(1, MAX_SCORE_BYTES // (4 * B * H * k.shape[-2]))  # queries per chunk
+        if Lq > rows:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            for i in range(0, Lq, rows):
+                out[:, :, i : i + rows] = _attention(q[:, :, i : i + rows], k, v)
+            return out
     return _attention(q, k, v, mask, is_causal)
 
 

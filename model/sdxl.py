@@ -486,7 +486,8 @@ class SDXL:
         """One image (H, W, 3) uint8 for one prompt and one seed, DDIM with classifier-free guidance."""
         with self.on_device(self.clip_l, self.clip_g):
             context, pooled = self.encode_prompt([prompt], subjects)
-            neg_context, neg_pooled = self.encode_negative(negative_prompt, 1, context, pooled)
+            # (at guidance 1 the unconditional half is never computed: no need to encode it)
+            neg_context, neg_pooled = self.encode_negative(negative_prompt if guidance != 1 else "", 1, context, pooled)
         time_ids = self.time_ids(height, width, 1, self.device)
         # The batch is [conditional, unconditional]; the UNet sees both halves in one pass.
         cond = dict(context=torch.cat([context, neg_context]).to(self.dtype),

@@ -121,10 +121,10 @@ class GroupNorm32(nn.GroupNorm):
     with μ_g, σ²_g the mean and variance over the channels and pixels of channel c's group g."""
 
     def forward(self, x):
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
         if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and chooses what to keep
             return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, False)
-        if grad:  # training: the backward pass keeps x in its own dtype, not a float32 copy
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            # training: the backward pass keeps x in its own dtype, not a float32 copy
             return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, True)
 

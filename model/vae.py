@@ -161,7 +161,6 @@ class EncoderLevel(nn.Module):
         self.downsample = Downsample(out_ch) if downsample else None
 
 
-
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> moments (B, 2·z, H/2^(levels-1), W/2^(levels-1))."""
 
@@ -187,7 +186,7 @@ class Encoder(nn.Module):
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 @dataclass
@@ -237,7 +236,6 @@ class DecoderLevel(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks))
         self.upsample = Upsample(out_ch) if upsample else None
-
 
 
 class Decoder(nn.Module):

@@ -227,3 +227,18 @@ def test_gpu_generate_with_cuda_graphs_gives_the_same_image():
     assert len(sdxl.graphed_unet.graphs) == 1
     with pytest.raises(UserError, match="cannot be combined"):
         sdxl.enable_offload(cuda)
+
+
+def test_guidance_1_runs_the_conditional_half_alone(models, monkeypatch):
+    """ε̂ = ε_c at guidance 1: the UNet sees batch 1 and the negative prompt is never encoded,
+    and the image is the one the two-half path would give (ε_u is not read there either)."""
+    sdxl = bench.make_sdxl(models, CPU, torch.float32)
+    kwargs = dict(seed=3, steps=2, guidance=1.0, width=PX, height=PX)
+    plain = sdxl.generate("a woman reading", **kwargs)
+    batches, encoded = [], []
+    unet_forward, encode = type(sdxl.unet).forward, sdxl.encode_prompt
+    monkeypatch.setattr(type(sdxl.unet), "forward", lambda self, x, *a: batches.append(len(x)) or unet_forward(self, x, *a))
+    monkeypatch.setattr(sdxl, "encode_prompt", lambda prompts, *a: encoded.append(prompts) or encode(prompts, *a))
+    image = sdxl.generate("a woman reading", negative_prompt="blurry", **kwargs)
+    assert batches == [1, 1] and encoded == [["a woman reading"]]
+    np.testing.assert_array_equal(image, plain)
