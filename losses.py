@@ -12,6 +12,7 @@ all latents (B, C, h, w), and the subject mask m (B, 1, h, w) in [0, 1] at laten
 
     d_m(x, y) = d(m·x, m·y)                                    masked distance
     L_con  = d_m(x̂*, x̂+) + λ_neg / d_m(x̂*, x̂-)                 (eq. 7)
+          (or d_m(x̂*, x̂+) − λ_neg·d_m(x̂*, x̂-), Table 3's "subtraction" ablation)
     λ_neg  = γ·(k/K)^β                                         k of K training steps
     L_back = d_m̃(x̂*, x̂1) + d_m̃(x̂+, x̂2) + d_m̃(x̂-, x̂1),  m̃ = 1 − m   (eq. 8)
     L      = λ_con·L_con + λ_back·L_back                        (eq. 9)
@@ -21,14 +22,17 @@ and pushed from the negative (other code, same caption and noise: another person
 subject only; outside it, all three must keep the background the plain prompt would give.
 
 Reduction: each distance is a mean over one sample's C·h·w elements (the mask zeroes, it does not
-re-normalise: d(m·x, m·y) literally); each term is computed per sample (the reciprocal too) and
-then averaged over the batch, so one easy negative cannot hide a collapsed one.
+re-normalise: d(m·x, m·y) literally), or with mask_reduction="area" the sum over those elements
+divided by the mask's area C·Σm (a small subject then weighs as much as a large one); each term is
+computed per sample (the reciprocal too) and then averaged over the batch, so one easy negative
+cannot hide a collapsed one.
 
 Read next: train.py.
 """
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from model.checkpoint import UserError
@@ -55,6 +59,16 @@ class LossConfig:
     # 10⁻⁴ is far below the 10⁻² of real distances, so it changes nothing there, and caps the term
     # at λ_neg/ε instead of infinity.
     eps: float = 1e-4
+    # The negative term: "reciprocal", λ_neg / d_m(x̂*, x̂-) (eq. 7), or "subtract", −λ_neg·d_m(x̂*, x̂-),
+    # the form the paper's Table 3 rejects ("Pos+Neg as a subtraction"); kept to rerun that ablation.
+    negative: str = "reciprocal"
+    # The mask of L_con: "subject", the subject mask m (eq. 7), or "none", m = 1 everywhere (Table 4,
+    # "without mask"). With "none", m̃ = 1 − m = 0, so L_back is zero whatever λ_back is.
+    mask: str = "subject"
+    # How a masked distance averages: "all", over every one of a sample's C·h·w elements, as
+    # d(m·x, m·y) reads; "area", over the C·Σm elements the mask covers. The paper does not say;
+    # "all" is its formula taken literally.
+    mask_reduction: str = "all"
 
 
 # -- distances -----------------------------------------------------------------------------------
@@ -69,6 +83,9 @@ def _l1(x: Tensor, y: Tensor) -> Tensor:
 
 
 DISTANCES = {"l2": _l2, "l1": _l1}
+NEGATIVES = ("reciprocal", "subtract")
+MASKS = ("subject", "none")
+MASK_REDUCTIONS = ("all", "area")
 
 
 def distance(x: Tensor, y: Tensor, name: str = "l2") -> Tensor:
@@ -80,10 +97,21 @@ def distance(x: Tensor, y: Tensor, name: str = "l2") -> Tensor:
     return DISTANCES[name](x.float(), y.float())
 
 
-def masked_distance(x: Tensor, y: Tensor, m: Tensor, name: str = "l2") -> Tensor:
-    """d_m(x, y) = d(m·x, m·y) per sample (B,); m (B, 1, h, w) is broadcast over channels."""
+def masked_distance(x: Tensor, y: Tensor, m: Tensor, name: str = "l2", reduction: str = "all") -> Tensor:
+    """d_m(x, y) = d(m·x, m·y) per sample (B,); m (B, 1, h, w) is broadcast over channels.
+
+    reduction "all": the mean over all C·h·w elements; "area": the sum over them divided by the
+    mask's area C·Σm (at least one element, so an empty mask gives 0, not 0/0)."""
     m = m.float()
-    return distance(m * x.float(), m * y.float(), name)
+    d = distance(m * x.float(), m * y.float(), name)
+    if reduction == "all":
+        return d
+    if reduction != "area":
+        raise UserError(f"unknown mask reduction {reduction!r}; choose one of {', '.join(MASK_REDUCTIONS)}")
+    # d_m = Σ d(m·x, m·y) / (C·Σm) = mean_all · (C·h·w) / (C·Σm)
+    elements = x[0].numel()
+    area = m.expand_as(x).flatten(1).sum(dim=1)
+    return d * elements / area.clamp(min=1.0)
 
 
 # -- the contrastive term L_con ------------------------------------------------------------------
@@ -96,13 +124,22 @@ def lambda_neg(k: int, K: int, gamma: float, beta: float) -> float:
     return gamma * (min(max(k, 0), K) / K) ** beta
 
 
-def _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps):
-    """(mean d_m(x̂*, x̂+), mean 1/(d_m(x̂*, x̂-) + ε), mean d_m(x̂*, x̂-)) over the batch."""
-    d_pos = masked_distance(x_anchor, x_pos, m, dist)
-    d_neg = masked_distance(x_anchor, x_neg, m, dist)
+def _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps, negative="reciprocal", reduction="all"):
+    """(mean d_m(x̂*, x̂+), the unweighted negative term, mean d_m(x̂*, x̂-)) over the batch.
+
+    The negative term is the mean of 1/(d_m(x̂*, x̂-) + ε) ("reciprocal") or of −d_m(x̂*, x̂-)
+    ("subtract"), so that L_con = l_pos + λ_neg·l_neg either way."""
+    d_pos = masked_distance(x_anchor, x_pos, m, dist, reduction)
+    d_neg = masked_distance(x_anchor, x_neg, m, dist, reduction)
     # PITFALL: the reciprocal, not a subtraction (paper Table 3): −d_neg is unbounded below and
     # rewards pushing one pair ever further apart; 1/d_neg rewards every pair leaving zero.
-    return d_pos.mean(), (1.0 / (d_neg + eps)).mean(), d_neg.mean()
+    if negative == "reciprocal":
+        l_neg = (1.0 / (d_neg + eps)).mean()
+    elif negative == "subtract":
+        l_neg = -d_neg.mean()
+    else:
+        raise UserError(f"unknown negative term {negative!r}; choose one of {', '.join(NEGATIVES)}")
+    return d_pos.mean(), l_neg, d_neg.mean()
 
 
 def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg: float, dist: str = "l2", eps: float = 1e-4) -> Tensor:
@@ -114,15 +151,15 @@ def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg: float, dist: str = "
 # -- the background term L_back ------------------------------------------------------------------
 
 
-def background_loss(x_anchor, x_pos, x_neg, x1, x2, m_bg, dist: str = "l2") -> Tensor:
+def background_loss(x_anchor, x_pos, x_neg, x1, x2, m_bg, dist: str = "l2", reduction: str = "all") -> Tensor:
     """L_back = d_m̃(x̂*, x̂1) + d_m̃(x̂+, x̂2) + d_m̃(x̂-, x̂1)   (eq. 8), averaged over the batch.
 
     x̂1 and x̂2 are the predictions without pseudo-words for the same noisy latents (the anchor's
     and negative's ε1, the positive's ε2); m_bg = m̃ = 1 − m."""
     # Each sample with a pseudo-word is compared with the plain prompt that shares its noise.
-    d = (masked_distance(x_anchor, x1, m_bg, dist)
-         + masked_distance(x_pos, x2, m_bg, dist)
-         + masked_distance(x_neg, x1, m_bg, dist))
+    d = (masked_distance(x_anchor, x1, m_bg, dist, reduction)
+         + masked_distance(x_pos, x2, m_bg, dist, reduction)
+         + masked_distance(x_neg, x1, m_bg, dist, reduction))
     return d.mean()
 
 
@@ -136,7 +173,7 @@ class LossTerms:
     total: Tensor  # L = λ_con·L_con + λ_back·L_back
     l_con: Tensor  # L_con = l_pos + λ_neg·l_neg
     l_pos: Tensor  # mean d_m(x̂*, x̂+): falls as a code keeps its person across captions and noise
-    l_neg: Tensor  # mean 1/(d_m(x̂*, x̂-) + ε), unweighted
+    l_neg: Tensor  # mean 1/(d_m(x̂*, x̂-) + ε), unweighted (−mean d_m(x̂*, x̂-) with negative="subtract")
     d_neg: Tensor  # mean d_m(x̂*, x̂-): rises as different codes give different people
     l_back: Tensor  # L_back
     lambda_neg: float  # λ_neg at this step
@@ -145,11 +182,16 @@ class LossTerms:
 def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int, config: LossConfig = LossConfig()) -> LossTerms:
     """L (eq. 9) for one batch of x̂₀ estimates at training step `step` of `total_steps`."""
     lam = lambda_neg(step, total_steps, config.gamma, config.beta)
-    l_pos, l_neg, d_neg = _contrastive_terms(x_anchor, x_pos, x_neg, m, config.distance, config.eps)
-    # L_con = d_m(x̂*, x̂+) + λ_neg / d_m(x̂*, x̂-)
+    if config.mask == "none":
+        m = torch.ones_like(m)  # Table 4 "without mask": L_con compares whole images, and m̃ = 0
+    elif config.mask != "subject":
+        raise UserError(f"unknown mask {config.mask!r}; choose one of {', '.join(MASKS)}")
+    l_pos, l_neg, d_neg = _contrastive_terms(x_anchor, x_pos, x_neg, m, config.distance, config.eps,
+                                             config.negative, config.mask_reduction)
+    # L_con = d_m(x̂*, x̂+) + λ_neg / d_m(x̂*, x̂-)     (or d_m(x̂*, x̂+) − λ_neg·d_m(x̂*, x̂-))
     l_con = l_pos + lam * l_neg
     # m̃ = 1 − m: the background is everything the subject mask does not cover.
-    l_back = background_loss(x_anchor, x_pos, x_neg, x1, x2, 1.0 - m.float(), config.distance)
+    l_back = background_loss(x_anchor, x_pos, x_neg, x1, x2, 1.0 - m.float(), config.distance, config.mask_reduction)
     # L = λ_con·L_con + λ_back·L_back
     total = config.lambda_con * l_con + config.lambda_back * l_back
     return LossTerms(total=total, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg, l_back=l_back, lambda_neg=lam)

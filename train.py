@@ -50,10 +50,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data import CelebA, DataConfig, LatentCache, collate
-from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
+from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
 from model import attention, clip, ddim
 from model.checkpoint import UserError
-from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
+from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
 from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
 from model.unet import COMPILE_MODES
 from model.vae import SCALING_FACTOR
@@ -71,6 +71,33 @@ SAMPLE_PROMPTS = (
 )
 SAMPLE_STEPS = 20  # DDIM steps per image: a recognisable face at two thirds of a 30-step image's cost
 SAMPLE_GUIDANCE = 5.0  # sample.py's default
+
+
+@dataclass
+class StepConfig:
+    """How a triplet is built (eq. 5-6) and conditioned; the defaults are the paper's."""
+
+    # The positive's caption: "other", the image's second caption P2 (eq. 5), so f must hold the
+    # person across wordings; or "same", the anchor's P1 (Table 5, "same prompts").
+    positive_prompt: str = "other"
+    # The positive's noise: "other", its own ε2 (eq. 6), so f must hold the person across noises;
+    # or "same", the anchor's ε1 (Table 5, "same noise").
+    positive_noise: str = "other"
+    # SDXL's size/crop micro-conditioning: "data", each image's own (orig_h, orig_w, crop_top,
+    # crop_left, R, R), as SDXL was trained, so the UNet is told the truth about the image it
+    # denoises; or "sampling", (R, R, 0, 0, R, R), what sample.py passes, so f is trained under the
+    # conditioning it will be used with. The paper does not say.
+    time_ids: str = "data"
+
+
+TRIPLET_CHOICES = ("other", "same")
+TIME_IDS = ("data", "sampling")
+# The flags of the method's choices and ablations, with a new run's defaults (the dataclasses').
+METHOD_DEFAULTS = {
+    "negative": LossConfig.negative, "mask": LossConfig.mask, "mask_reduction": LossConfig.mask_reduction,
+    "positive_prompt": StepConfig.positive_prompt, "positive_noise": StepConfig.positive_noise,
+    "time_ids": StepConfig.time_ids, "mapper_norm": MapperConfig.norm,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +141,16 @@ def parse_args(argv=None):
     p.add_argument("--lambda-con", type=float, default=loss_defaults.lambda_con, help="λ_con, the weight of the contrastive loss")
     p.add_argument("--lambda-back", type=float, default=loss_defaults.lambda_back, help="λ_back, the weight of the background loss")
     p.add_argument("--distance", default=loss_defaults.distance, choices=list(DISTANCES), help="distance d between x̂₀ estimates")
+    # The method's open choices and the paper's ablations (Tables 3-5). Their default is None so
+    # that --resume, which keeps a run's method, can tell "not given" from "given".
+    method = p.add_argument_group("method choices and ablations (a resumed run keeps its own; the default is for new runs)")
+    method.add_argument("--negative", choices=NEGATIVES, help=f"the negative term of L_con: `reciprocal`, +λ_neg/d_m(x̂*,x̂-) (eq. 7), or `subtract`, −λ_neg·d_m(x̂*,x̂-) (Table 3, \"Pos+Neg as a subtraction\") (default: {METHOD_DEFAULTS['negative']})")
+    method.add_argument("--mask", choices=MASKS, help=f"the mask of L_con: `subject`, the subject mask m, or `none`, m = 1 everywhere (Table 4, \"without mask\"; then m̃ = 1 − m = 0 and L_back is zero) (default: {METHOD_DEFAULTS['mask']})")
+    method.add_argument("--mask-reduction", choices=MASK_REDUCTIONS, help=f"a masked distance averages over `all` C·h·w elements (d(m·x, m·y) literally) or over the mask's `area` C·Σm, in L_con and L_back (default: {METHOD_DEFAULTS['mask_reduction']})")
+    method.add_argument("--positive-prompt", choices=TRIPLET_CHOICES, help=f"the positive's caption: the `other` caption P2, or the anchor's `same` P1 (Table 5, \"same prompts\") (default: {METHOD_DEFAULTS['positive_prompt']})")
+    method.add_argument("--positive-noise", choices=TRIPLET_CHOICES, help=f"the positive's noise: the `other` noise ε2, or the anchor's `same` ε1 (Table 5, \"same noise\") (default: {METHOD_DEFAULTS['positive_noise']})")
+    method.add_argument("--time-ids", choices=TIME_IDS, help=f"SDXL's size/crop conditioning in training: the image's own from the `data` (original size, crop offset, R, R), or what `sampling` passes (R, R, 0, 0, R, R) (default: {METHOD_DEFAULTS['time_ids']})")
+    method.add_argument("--mapper-norm", choices=NORMS, help=f"f's output layer: `layernorm`, w = μ + σ⊙LayerNorm(Wh+b), or `none`, w = μ + σ⊙(Wh+b) (default: {METHOD_DEFAULTS['mapper_norm']})")
     # Timesteps t ~ U[t_min, t_max). Below 200 (ᾱ > 0.75) x_t already shows the face: x̂₀ is
     # the image whatever the pseudo-word says, so the positive term is trivially small and
     # 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04), x̂₀ = (x_t −
@@ -215,20 +252,28 @@ def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context
     return ddim.x0_from_eps(x_t, eps_hat, alpha_bar_t)
 
 
-def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: int, K: int, loss_config: LossConfig) -> LossTerms:
+def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: int, K: int, loss_config: LossConfig,
+                 step_config: StepConfig = StepConfig()) -> LossTerms:
     """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
 
     x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
     time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β."""
     device = model.device
     P1 = [p1 for p1, _ in batch["captions"]]
-    P2 = [p2 for _, p2 in batch["captions"]]
+    # P2, the positive's caption (P1 again for Table 5's "same prompts")
+    P2 = P1 if step_config.positive_prompt == "same" else [p2 for _, p2 in batch["captions"]]
     concepts = batch["concept"]
-    x0, eps1, eps2 = x0.to(device).float(), noise.eps1.to(device), noise.eps2.to(device)
+    x0, eps1 = x0.to(device).float(), noise.eps1.to(device)
+    # ε2, the positive's noise (ε1 again for Table 5's "same noise")
+    eps2 = eps1 if step_config.positive_noise == "same" else noise.eps2.to(device)
     t = noise.t.to(device)
     # (B,) float64, kept on the CPU: the coefficients' float64 math runs there (MPS has no float64)
     alpha_bar_t = ddim.alpha_bars()[noise.t.cpu()]
-    time_ids = batch["time_ids"].to(device)
+    if step_config.time_ids == "sampling":
+        # (H, W, 0, 0, H, W), as model.generate conditions an image of this size
+        time_ids = SDXL.time_ids(x0.shape[-2] * 8, x0.shape[-1] * 8, x0.shape[0], device)
+    else:
+        time_ids = batch["time_ids"].to(device)
     mask = batch["mask"].to(device)
 
     # x_t* = x_t- = √ᾱ_t·x + √(1−ᾱ_t)·ε1,  x_t+ = √ᾱ_t·x + √(1−ᾱ_t)·ε2   (eq. 6)
@@ -457,21 +502,34 @@ def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCach
 def new_mapper(model: SDXL, args) -> Mapper:
     """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
     torch.manual_seed(args.seed)
-    config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden,
+    config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden, norm=args.mapper_norm,
                           token_widths=(model.clip_l.config.width, model.clip_g.config.width))
     tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
     return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
 
 
-def resume(args, f: Mapper, optimizer) -> tuple[int, int, int, str]:
-    """Load OUT/state.pt into f and the optimizer; -> (step, epoch, position, changed settings)."""
-    state = load_checkpoint(args.out)
+def keep_method(args, saved_args: dict | None):
+    """Fill in the method flags (METHOD_DEFAULTS) not given: a new run's defaults, or on --resume
+    the run's own. A resume that names another value is refused: a run trained half with one
+    method and half with another is neither, and no ablation."""
+    for name, default in METHOD_DEFAULTS.items():
+        kept = default if saved_args is None else saved_args.get(name, default)  # older runs: the default
+        given = getattr(args, name)
+        if saved_args is not None and given is not None and given != kept:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: the run in {args.out} was trained with {flag} {kept}; a resumed run keeps "
+                            f"its method, so drop {flag} {given}, or start a new run with another --out")
+        setattr(args, name, kept if given is None else given)
+
+
+def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]:
+    """Load OUT/state.pt's `state` into f and the optimizer; -> (step, epoch, position, changed settings)."""
     fields = state["mapper_config"]
     saved = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
     if saved != f.config:
         raise UserError(f"--resume: the run in {args.out} trains a mapper with --z-dim {saved.z_dim} --depth "
-                        f"{saved.depth} --hidden {saved.hidden} on encoders of widths {saved.token_widths}; pass "
-                        f"the same, or start a new run with another --out")
+                        f"{saved.depth} --hidden {saved.hidden} --mapper-norm {saved.norm} on encoders of widths "
+                        f"{saved.token_widths}; pass the same, or start a new run with another --out")
     f.load_state_dict(state["mapper"])
     optimizer.load_state_dict(state["optimizer"])
     # The command line wins (e.g. a lower --lr after a NaN, more --steps); say what changed.
@@ -500,6 +558,8 @@ def train(args, device: torch.device, rank: int, world: int):
     check_run_folder(args)
     if world > 1:
         dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    state = load_checkpoint(args.out) if args.resume else None
+    keep_method(args, state and state["args"])
     weights = args.weights or find_default_weights()
     if weights is None:
         raise UserError(MISSING_WEIGHTS)
@@ -519,11 +579,14 @@ def train(args, device: torch.device, rank: int, world: int):
     f = new_mapper(model, args)
     # AdamW on f alone: nothing else is handed to the optimizer, so nothing else can change.
     optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta,
-                             lambda_con=args.lambda_con, lambda_back=args.lambda_back)
+    loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
+                             lambda_back=args.lambda_back, negative=args.negative, mask=args.mask,
+                             mask_reduction=args.mask_reduction)
+    step_config = StepConfig(positive_prompt=args.positive_prompt, positive_noise=args.positive_noise,
+                             time_ids=args.time_ids)
     step, epoch, position = 0, 0, 0
     if args.resume:
-        step, epoch, position, changed = resume(args, f, optimizer)
+        step, epoch, position, changed = resume(args, state, f, optimizer)
         say(rank, f"resuming {args.out} at step {step}{changed}")
     last_checkpoint = step if args.resume else None
     files = run_files(args.out)
@@ -546,7 +609,7 @@ def train(args, device: torch.device, rank: int, world: int):
                 x0 = dataset.cache.fill(batch)
                 noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
                 try:
-                    terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config)
+                    terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config, step_config)
                     optimizer.zero_grad(set_to_none=True)
                     terms.total.backward()
                 except torch.cuda.OutOfMemoryError:

@@ -53,6 +53,13 @@ class MapperConfig:
     token_widths: tuple[int, ...] = (768, 1280)
     # Hidden nonlinearity: "leaky_relu" (slope 0.2) as in StyleGAN's mapping network, or "gelu".
     activation: str = "leaky_relu"
+    # The output layer: "layernorm", w = μ + σ⊙LayerNorm(Wh+b) (see PseudoWordHead), or "none",
+    # w = μ + σ⊙(Wh+b), a plain linear output as the paper's MLP has. Mappers saved before this
+    # field existed have the LayerNorm, and load with this default.
+    norm: str = "layernorm"
+
+
+NORMS = ("layernorm", "none")
 
 
 ACTIVATIONS = {
@@ -94,20 +101,26 @@ class PseudoWordHead(nn.Module):
     """Last layer of f for one text encoder: hidden features -> a pseudo-word shaped like a real token.
 
     `token_mean` and `token_std` are that encoder's token-table statistics, kept as buffers so a
-    saved mapper carries them (they never train)."""
+    saved mapper carries them (they never train). `norm` is MapperConfig.norm."""
 
-    def __init__(self, hidden: int, token_mean: Tensor, token_std: Tensor):
+    def __init__(self, hidden: int, token_mean: Tensor, token_std: Tensor, norm: str = "layernorm"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"mapper norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         self.proj = nn.Linear(hidden, token_mean.numel())
         self.register_buffer("token_mean", token_mean.detach().clone().float())
         self.register_buffer("token_std", token_std.detach().clone().float())
 
     def forward(self, h: Tensor) -> Tensor:
-        # w = μ + σ ⊙ LayerNorm(W·h + b)   (μ, σ: per-dimension mean and std of the token table)
-        # The normalisation pins (w − μ)/σ to unit mean square, so an untrained or early f gives a
-        # vector with the spread of real tokens: it never blows up the prompt, and every code
-        # still gives a different word (the paper notes f otherwise tends to ignore its input).
-        u = F.layer_norm(self.proj(h).float(), (self.token_mean.numel(),))
+        u = self.proj(h).float()
+        if self.norm == "layernorm":
+            # w = μ + σ ⊙ LayerNorm(W·h + b)   (μ, σ: per-dimension mean and std of the token table)
+            # The normalisation pins (w − μ)/σ to unit mean square, so an untrained or early f gives a
+            # vector with the spread of real tokens: it never blows up the prompt, and every code
+            # still gives a different word (the paper notes f otherwise tends to ignore its input).
+            u = F.layer_norm(u, (self.token_mean.numel(),))
+        # w = μ + σ ⊙ u   (norm "none": u = W·h + b, the paper's plain MLP output)
         return self.token_mean + self.token_std * u
 
 
@@ -126,7 +139,7 @@ class Mapper(nn.Module):
         self.act = ACTIVATIONS[config.activation]
         ins = [config.z_dim] + [config.hidden] * (config.depth - 1)
         self.layers = nn.ModuleList(nn.Linear(n_in, config.hidden) for n_in in ins[:-1])
-        self.heads = nn.ModuleList(PseudoWordHead(ins[-1], mean, std) for mean, std in token_stats)
+        self.heads = nn.ModuleList(PseudoWordHead(ins[-1], mean, std, config.norm) for mean, std in token_stats)
         for layer in [*self.layers, *(head.proj for head in self.heads)]:
             # He init for the leaky ReLU keeps the activations O(1) through the depth (PyTorch's
             # default shrinks them about 3x per layer); biases start at zero.

@@ -163,3 +163,66 @@ def test_cocoins_loss_has_no_negative_push_at_step_zero_and_gradients_reach_ever
     for x in xs:
         assert x.grad is not None and x.grad.abs().sum() > 0
 
+
+
+# -- the ablations and open choices (train.py --negative, --mask, --mask-reduction) --------------
+
+
+def test_subtracted_negative_term_lowers_the_loss_by_lambda_times_the_negative_distance():
+    """Table 3, "Pos+Neg as a subtraction": L_con = d_m(x̂*, x̂+) − λ_neg·d_m(x̂*, x̂-)."""
+    m = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    x_anchor, x_pos, x_neg = img(0.0, 0.0), img(1.0, 3.0), img(2.0, 5.0)
+    x1, x2 = img(7.0, 1.0), img(9.0, 2.0)
+    config = LossConfig(gamma=0.8, negative="subtract")
+    terms = cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step=5, total_steps=10, config=config)
+    # λ_neg = 0.4;  d_m(x*, x+) = 1/2;  d_m(x*, x-) = 4/2 = 2:  L_con = 0.5 − 0.4·2 (reciprocal: 0.5 + 0.4/2)
+    assert terms.l_neg.item() == pytest.approx(-2.0)
+    assert terms.l_con.item() == pytest.approx(0.5 - 0.4 * 2.0)
+    assert terms.total.item() == pytest.approx(0.5 - 0.8 + 9.0)
+    reciprocal = cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step=5, total_steps=10, config=LossConfig(gamma=0.8))
+    assert reciprocal.l_con.item() == pytest.approx(0.5 + 0.4 / (2.0 + 1e-4))
+
+
+def test_without_mask_the_contrastive_loss_sees_the_whole_image_and_the_background_loss_is_zero():
+    """Table 4, "without mask": m = 1 everywhere, so m̃ = 0."""
+    m = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    x_anchor, x_pos, x_neg = img(0.0, 0.0), img(1.0, 3.0), img(2.0, 5.0)
+    x1, x2 = img(7.0, 1.0), img(9.0, 2.0)
+    terms = cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step=10, total_steps=10,
+                         config=LossConfig(gamma=1.0, eps=0.0, mask="none"))
+    # d(x*, x+) = (1 + 9)/2 = 5 and d(x*, x-) = (4 + 25)/2 = 14.5 over both pixels (with the mask: 0.5 and 2)
+    assert terms.l_pos.item() == pytest.approx(5.0)
+    assert terms.d_neg.item() == pytest.approx(14.5)
+    assert terms.l_back.item() == 0.0
+    assert terms.total.item() == pytest.approx(5.0 + 1 / 14.5)
+
+
+def test_area_reduction_divides_the_masked_sum_by_the_mask_area_and_gives_zero_for_an_empty_mask():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])[None]  # (1, C=2, 2, 2)
+    y = torch.zeros(1, 2, 2, 2)
+    m = torch.tensor([[1.0, 0.0], [0.0, 0.5]])[None, None]  # area C·Σm = 2·1.5 = 3
+    # kept: 1, 0.5·4 = 2 (channel 0) and 5, 0.5·8 = 4 (channel 1): sum of squares 1 + 4 + 25 + 16 = 46
+    assert masked_distance(x, y, m, "l2", "area").item() == pytest.approx(46 / 3)
+    assert masked_distance(x, y, m, "l2", "all").item() == pytest.approx(46 / 8)
+    assert masked_distance(x, y, m, "l1", "area").item() == pytest.approx((1 + 2 + 5 + 4) / 3)
+    assert masked_distance(x, y, torch.zeros(1, 1, 2, 2), "l2", "area").item() == 0.0
+    # the whole image as mask: area = every element, the same as "all"
+    assert masked_distance(x, y, torch.ones(1, 1, 2, 2), "l2", "area").item() == pytest.approx(204 / 8)
+
+
+def test_area_reduction_reaches_both_losses():
+    xs = [torch.randn(2, 4, 4, 4) for _ in range(5)]
+    m = torch.zeros(2, 1, 4, 4)
+    m[:, :, :1] = 1  # a quarter of the image: "area" distances are 4x the subject's, 4/3x the background's
+    plain = cocoins_loss(*xs, m, step=3, total_steps=10, config=LossConfig(eps=0.0))
+    area = cocoins_loss(*xs, m, step=3, total_steps=10, config=LossConfig(eps=0.0, mask_reduction="area"))
+    assert area.l_pos.item() == pytest.approx(4 * plain.l_pos.item(), rel=1e-5)
+    assert area.d_neg.item() == pytest.approx(4 * plain.d_neg.item(), rel=1e-5)
+    assert area.l_back.item() == pytest.approx(4 / 3 * plain.l_back.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("negative", "negate"), ("mask", "box"), ("mask_reduction", "max")])
+def test_unknown_loss_choices_are_user_errors(field, value):
+    xs = [torch.randn(1, 4, 2, 2) for _ in range(5)]
+    with pytest.raises(UserError, match=value):
+        cocoins_loss(*xs, torch.ones(1, 1, 2, 2), 1, 2, LossConfig(**{field: value}))

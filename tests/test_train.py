@@ -374,11 +374,18 @@ def step_case(tiny):
     return model, f, x0, batch, noise
 
 
-def five_separate_passes(model, f, x0, batch, noise, k, K, config):
-    """Eq. 5-9 written out pass by pass, each prompt encoded alone through SDXL.encode_prompt."""
+def five_separate_passes(model, f, x0, batch, noise, k, K, config, step_config=train.StepConfig()):
+    """Eq. 5-9 written out pass by pass, each prompt encoded alone through SDXL.encode_prompt.
+
+    With step_config's ablations: the positive takes caption P1 ("same prompts"), noise ε1
+    ("same noise"); every pass is conditioned on (64, 64, 0, 0, 64, 64) ("sampling" time ids)."""
     alpha_bar_t = alpha_bars()[noise.t]
     x_t_anchor = add_noise(x0, noise.eps1, alpha_bar_t)  # = x_t of the negative
-    x_t_pos = add_noise(x0, noise.eps2, alpha_bar_t)
+    x_t_pos = add_noise(x0, noise.eps1 if step_config.positive_noise == "same" else noise.eps2, alpha_bar_t)
+    positive_caption = 0 if step_config.positive_prompt == "same" else 1
+    time_ids = batch["time_ids"]
+    if step_config.time_ids == "sampling":
+        time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * len(batch["concept"]))
     w1, w2 = f(noise.z1), f(noise.z2)
 
     def encode(which, w=None):
@@ -390,14 +397,14 @@ def five_separate_passes(model, f, x0, batch, noise, k, K, config):
 
     def x0_hat(x_t, conditioning):
         context, pooled = conditioning
-        return x0_from_eps(x_t, model.unet(x_t, noise.t, context, pooled, batch["time_ids"]), alpha_bar_t)
+        return x0_from_eps(x_t, model.unet(x_t, noise.t, context, pooled, time_ids), alpha_bar_t)
 
     x_anchor = x0_hat(x_t_anchor, encode(0, w1))
-    x_pos = x0_hat(x_t_pos, encode(1, w1))
+    x_pos = x0_hat(x_t_pos, encode(positive_caption, w1))
     x_neg = x0_hat(x_t_anchor, encode(0, w2))
     with torch.no_grad():
         x1 = x0_hat(x_t_anchor, encode(0))
-        x2 = x0_hat(x_t_pos, encode(1))
+        x2 = x0_hat(x_t_pos, encode(positive_caption))
     return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, batch["mask"], k, K, config)
 
 
@@ -408,11 +415,21 @@ def loss_and_grads(fn, f, *args):
     return terms, {name: p.grad.clone() for name, p in f.named_parameters()}
 
 
-def test_batched_3b_and_2b_passes_equal_five_separate_passes(step_case):
+@pytest.mark.parametrize("step_config", [
+    train.StepConfig(),
+    train.StepConfig(positive_prompt="same"),  # Table 5, "same prompts"
+    train.StepConfig(positive_noise="same"),  # Table 5, "same noise"
+    train.StepConfig(time_ids="sampling"),
+], ids=["paper", "same-prompt", "same-noise", "sampling-time-ids"])
+def test_batched_3b_and_2b_passes_equal_five_separate_passes(step_case, step_config):
     model, f, x0, batch, noise = step_case
     config = LossConfig(gamma=0.5)  # a weighty negative term, so its gradient counts in the comparison
-    batched, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, config)
-    separate, expected = loss_and_grads(five_separate_passes, f, model, f, x0, batch, noise, 3, 4, config)
+    batched, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, config, step_config)
+    separate, expected = loss_and_grads(five_separate_passes, f, model, f, x0, batch, noise, 3, 4, config, step_config)
+    if step_config != train.StepConfig():
+        # the flag changes the step: a flag that did nothing would match the paper's triplets
+        paper = five_separate_passes(model, f, x0, batch, noise, 3, 4, config)
+        assert not torch.allclose(batched.l_pos, paper.l_pos, rtol=1e-3)
     for name in ("total", "l_con", "l_pos", "l_neg", "d_neg", "l_back"):
         assert torch.allclose(getattr(batched, name), getattr(separate, name), rtol=1e-5), name
     assert batched.lambda_neg == separate.lambda_neg == 0.5 * 3 / 4
@@ -481,3 +498,91 @@ def test_captions_whose_concept_would_be_truncated_away_are_refused():
     assert not ok("red " * 74 + "woman", "woman")
     assert ok("red " * 73 + "woman", "woman")
     assert not ok("red " * 80 + "woman", "woman")  # truncated away before insertion
+
+
+# -- the method's choices and the paper's ablations, as flags --------------------------------
+
+ABLATIONS = ("--negative", "subtract", "--mask", "none", "--mask-reduction", "area", "--positive-prompt", "same",
+             "--positive-noise", "same", "--time-ids", "sampling", "--mapper-norm", "none")
+
+
+def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, monkeypatch):
+    seen, original_step = [], train.cocoins_step
+
+    def spy(model, f, x0, batch, noise, k, K, loss_config, step_config):
+        seen.append((f.config.norm, loss_config, step_config))
+        return original_step(model, f, x0, batch, noise, k, K, loss_config, step_config)
+
+    monkeypatch.setattr(train, "cocoins_step", spy)
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, *ABLATIONS, steps=1))
+    norm, loss_config, step_config = seen[0]
+    assert norm == "none" and load_mapper(str(out / "mapper.safetensors")).config.norm == "none"
+    assert (loss_config.negative, loss_config.mask, loss_config.mask_reduction) == ("subtract", "none", "area")
+    assert step_config == train.StepConfig(positive_prompt="same", positive_noise="same", time_ids="sampling")
+    (row,) = read_log(out)
+    # subtract: l_neg = −d_neg; no mask: m̃ = 0, so L_back = 0; same prompt and noise: the positive is the anchor
+    assert row["l_neg"] == pytest.approx(-row["d_neg"]) and row["d_neg"] > 0
+    assert row["l_back"] == 0.0 and row["l_pos"] < 1e-3 * row["d_neg"]
+    saved = torch.load(out / "state.pt", weights_only=True)["args"]
+    assert {k: saved[k] for k in train.METHOD_DEFAULTS} == dict(
+        negative="subtract", mask="none", mask_reduction="area", positive_prompt="same", positive_noise="same",
+        time_ids="sampling", mapper_norm="none")
+
+    # --resume without the flags continues the run's own method ...
+    seen.clear()
+    train.main(argv(tiny, out, "--resume", steps=2))
+    assert seen[0][0] == "none" and seen[0][1:] == (loss_config, step_config)
+    # ... and a resume that names another is refused before anything loads
+    with pytest.raises(UserError, match=r"trained with --negative subtract; a resumed run keeps its method, "
+                                        r"so drop --negative reciprocal"):
+        train.main(argv(tiny, out, "--resume", "--negative", "reciprocal", steps=3))
+
+
+def test_a_new_run_takes_the_papers_choices_by_default(tiny, tmp_path):
+    args = train.parse_args(argv(tiny, tmp_path / "run"))
+    train.keep_method(args, None)
+    assert {k: getattr(args, k) for k in train.METHOD_DEFAULTS} == dict(
+        negative="reciprocal", mask="subject", mask_reduction="all", positive_prompt="other", positive_noise="other",
+        time_ids="data", mapper_norm="layernorm")
+    # a run saved before these flags existed resumes with what it was trained with: the defaults
+    args = train.parse_args(argv(tiny, tmp_path / "run", "--resume"))
+    train.keep_method(args, {"lr": 1e-4})
+    assert args.negative == "reciprocal" and args.mapper_norm == "layernorm"
+
+
+def tiny_mapper(norm):
+    torch.manual_seed(0)
+    stats = [(torch.randn(6), torch.rand(6) + 0.5), (torch.randn(10), torch.rand(10) + 0.5)]
+    return Mapper(MapperConfig(z_dim=8, depth=2, hidden=16, token_widths=(6, 10), norm=norm), stats)
+
+
+def test_mapper_norm_none_is_the_plain_linear_output_and_layernorm_normalises_it():
+    z = torch.randn(3, 8)
+    for norm in ("none", "layernorm"):
+        f = tiny_mapper(norm)
+        h = torch.nn.functional.leaky_relu(f.layers[0](z), 0.2)
+        for head, w in zip(f.heads, f(z)):
+            u = head.proj(h)  # W·h + b
+            if norm == "layernorm":
+                u = (u - u.mean(-1, keepdim=True)) / torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            # w = μ + σ ⊙ u
+            assert torch.allclose(w, head.token_mean + head.token_std * u, atol=1e-5), norm
+    assert not torch.allclose(tiny_mapper("none")(z)[0], tiny_mapper("layernorm")(z)[0])
+
+
+def test_a_saved_mapper_keeps_its_norm_and_one_saved_before_the_field_loads_as_layernorm(tmp_path):
+    from safetensors.torch import save_file
+
+    from model.mapper import save_mapper
+
+    f = tiny_mapper("none")
+    save_mapper(str(tmp_path / "none.safetensors"), f)
+    assert load_mapper(str(tmp_path / "none.safetensors")).config.norm == "none"
+    old = tiny_mapper("layernorm")
+    fields = {k: v for k, v in vars(old.config).items() if k != "norm"}  # the metadata as older versions wrote it
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "cocoins-mapper", "mapper_config": json.dumps(fields)})
+    loaded = load_mapper(str(tmp_path / "old.safetensors"))
+    z = torch.randn(2, 8)
+    assert loaded.config.norm == "layernorm" and torch.equal(loaded(z)[1], old(z)[1])
