@@ -152,7 +152,8 @@ def subject_concepts(args, prompts) -> list[str]:
     Concept words are looked up as CLIP tokens, as the pseudo-words will be inserted: "a woman's
     portrait", "(woman)" and "woman-astronaut" all contain "woman". Without --concept, the concept
     words of the first prompt are taken in the order they appear there ("a man and a woman":
-    the first --code is the man); every prompt must contain every concept."""
+    the first --code is the man; "a man talking to another man": the first --code is the first
+    man); every prompt must contain every concept, once per code that names it."""
     from model import clip, mapper
 
     if not args.code:
@@ -166,26 +167,26 @@ def subject_concepts(args, prompts) -> list[str]:
     tokenizer = clip.Tokenizer.bundled(pad="eos")
     ids = tokenizer(prompts)
 
-    def position(word, b):
-        return mapper.find_concept(ids[b].tolist(), tokenizer.encode(word), word=word, prompt=prompts[b])
-
     concepts = list(args.concept)
     if not concepts:
-        found = []
+        found = []  # (position, word) of every occurrence of a concept word in the first prompt
         for word in DEFAULT_CONCEPTS:
-            try:
-                found.append((position(word, 0), word))
-            except UserError:
-                continue
+            for occurrence in range(clip.CONTEXT_LENGTH):
+                try:
+                    found.append((mapper.find_concept(ids[0].tolist(), tokenizer.encode(word), word=word,
+                                                      prompt=prompts[0], occurrence=occurrence), word))
+                except UserError:  # no further occurrence
+                    break
         if len(found) < len(args.code):
             raise UserError(
                 f"found {len(found)} concept word(s) ({', '.join(DEFAULT_CONCEPTS)}) in the prompt {prompts[0]!r} "
                 f"for {len(args.code)} --code; name one per code with --concept WORD"
             )
         concepts = [word for _, word in sorted(found)[: len(args.code)]]
-    for b in range(len(prompts)):
-        for word in concepts:
-            position(word, b)  # raises: the concept word does not appear in this prompt
+    # A dry run of the insertion on 1-wide token embeddings: the positions and checks of the real
+    # one (every concept in every prompt, an occurrence per subject, room within CLIP's 77 tokens).
+    e = torch.zeros(len(prompts), clip.CONTEXT_LENGTH, 1)
+    mapper.insert_subjects(e, clip.eos_positions(ids), ids, tokenizer, [(torch.zeros(1), c) for c in concepts], prompts)
     return concepts
 
 

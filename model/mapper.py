@@ -156,8 +156,10 @@ class Mapper(nn.Module):
 # -- where the pseudo-word goes ------------------------------------------------------------------
 
 
-def find_concept(token_ids: Sequence[int], concept_ids: Sequence[int], *, word: str, prompt: str) -> int:
-    """Index of the concept word's first token at its first occurrence in a tokenized prompt.
+def find_concept(token_ids: Sequence[int], concept_ids: Sequence[int], *, word: str, prompt: str,
+                 occurrence: int = 0) -> int:
+    """Index of the concept word's first token at its `occurrence`-th appearance (0: the first)
+    in a tokenized prompt.
 
     `token_ids` is the prompt as the tokenizer gives it (BOS first, then EOS and padding);
     `concept_ids` the word alone (`Tokenizer.encode(word)`, no BOS/EOS). A word of several BPE
@@ -171,13 +173,18 @@ def find_concept(token_ids: Sequence[int], concept_ids: Sequence[int], *, word: 
         raise UserError(f"the concept word {word!r} has no tokens; name a word of the prompt, e.g. --concept woman")
     n = len(concept_ids)
     # Position 0 is BOS, never a word.
-    for p in range(1, len(ids) - n + 1):
-        if ids[p:p + n] == concept_ids:
-            return p
-    raise UserError(
-        f"the concept word {word!r} does not appear in the prompt {prompt!r} (within its first 75 tokens); "
-        f"add it to the prompt or pass --concept with a word the prompt contains"
-    )
+    found = [p for p in range(1, len(ids) - n + 1) if ids[p:p + n] == concept_ids]
+    if not found:
+        raise UserError(
+            f"the concept word {word!r} does not appear in the prompt {prompt!r} (within its first 75 tokens); "
+            f"add it to the prompt or pass --concept with a word the prompt contains"
+        )
+    if occurrence >= len(found):
+        raise UserError(
+            f"{occurrence + 1} subjects are {word!r}, but the prompt {prompt!r} names {word!r} only {len(found)} "
+            f"time(s) (within its first 75 tokens); give each subject its own {word!r} in the prompt"
+        )
+    return found[occurrence]
 
 
 def insert(e: Tensor, w: Tensor, i: Tensor, eos_pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -225,14 +232,31 @@ def insert_subjects(e: Tensor, eos_pos: Tensor, ids: Tensor, tokenizer, subjects
     encoder's tokenizer (anything with `.encode(text) -> list[int]`; keep them on the CPU, where
     the positions are looked up without a device sync); `subjects` a list of (w, concept) with
     w (D,) for the whole batch or (B, D) per prompt, and concept one word for the whole batch or
-    a list of one word per prompt (a training batch mixes "man" and "woman"). Returns (ê, eos_hat)."""
-    B = e.shape[0]
-    pairs = []
+    a list of one word per prompt (a training batch mixes "man" and "woman"). Several subjects
+    of one word take its occurrences in order ("a man talking to another man": the first
+    subject goes before the first "man", the second before the second). Returns (ê, eos_hat)."""
+    B, L = e.shape[:2]
+    positions = [[] for _ in range(B)]  # per prompt: (index, concept length, word) of each subject
     for w, words in subjects:
         words = [words] * B if isinstance(words, str) else list(words)
         concept_ids = {word: tokenizer.encode(word) for word in set(words)}
-        i = [find_concept(ids[b].tolist(), concept_ids[words[b]], word=words[b], prompt=prompts[b]) for b in range(B)]
-        pairs.append((w.expand(B, -1), torch.tensor(i, device=e.device)))
+        for b, word in enumerate(words):
+            taken = sum(1 for _, _, other in positions[b] if other == word)  # earlier subjects of this word
+            i = find_concept(ids[b].tolist(), concept_ids[word], word=word, prompt=prompts[b], occurrence=taken)
+            positions[b].append((i, len(concept_ids[word]), word))
+    for b, subject_positions in enumerate(positions):
+        for i, n, word in subject_positions:
+            # After insertion the concept starts at i + s (s: the pseudo-words inserted at or before
+            # it, its own included) and must end before the EOS, which stops at L − 1: the tokens
+            # pushed past it are cut, and a concept cut off would leave its pseudo-word on nothing.
+            s = sum(1 for j, _, _ in subject_positions if j <= i)
+            if i + s + n > L - 1:
+                raise UserError(
+                    f"the prompt {prompts[b]!r} is too long for {len(subject_positions)} pseudo-word(s): inserting "
+                    f"them pushes the concept word {word!r} past CLIP's {L}-token limit, where it would be cut off; "
+                    f"shorten the prompt or name {word!r} earlier in it")
+    pairs = [(w.expand(B, -1), torch.tensor([positions[b][k][0] for b in range(B)], device=e.device))
+             for k, (w, _) in enumerate(subjects)]
     return insert_many(e, pairs, eos_pos)
 
 

@@ -104,6 +104,15 @@ MISTAKES = {
     "concept_not_in_prompt": (["--code", 1, "--concept", "dog", "--prompt", "a woman reading"],
                               "the concept word 'dog' does not appear in the prompt 'a woman reading'"),
     "no_concept_word_in_prompt": (["--code", 1, "--prompt", "a lighthouse"], "name one per code with --concept WORD"),
+    # BOS, 74 words, "woman" at 75, EOS at 76: the pseudo-word would push "woman" past the 77 tokens
+    "concept_pushed_past_the_limit": (["--code", 1, "--prompt", "red " * 74 + "woman"],
+                                      "too long for 1 pseudo-word(s): inserting them pushes the concept word 'woman' "
+                                      "past CLIP's 77-token limit"),
+    # a full prompt (75 words) ending in its second subject
+    "two_subjects_in_a_full_prompt": (["--code", 1, "--code", 2, "--prompt", "red " * 70 + "a man and a woman"],
+                                      "too long for 2 pseudo-word(s)"),
+    "one_occurrence_for_two_codes": (["--code", 1, "--code", 2, "--concept", "man", "--concept", "man",
+                                      "--prompt", "a man reading"], "names 'man' only 1 time(s)"),
 }
 NOT_SDXL = ["sd1", "truncated", "folder_without_vae"]  # tests/test_sdxl.py FOREIGN cases, run through sample.py
 # Runs sample.py as `python sample.py` would, with model/sdxl.py's weights/ folder pointed elsewhere
@@ -196,6 +205,68 @@ def test_concept_words_are_found_as_tokens_in_the_order_the_prompt_names_them(ru
     assert np.array_equal(found, output(runs, "two_subjects", "000-seed0-code1-code2.png"))
     png = Image.open(runs["possessive"][1] / "000-seed0-code1.png")
     assert json.loads(png.text["parameters"])["concept"] == ["woman"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--concept", "man", "--concept", "woman"], [(1, "man"), (2, "woman")]),
+    (["--concept", "woman", "--concept", "man"], [(1, "woman"), (2, "man")]),
+    ([], [(1, "man"), (2, "woman")]),  # found in the order the prompt names them
+])
+def test_each_code_reaches_its_own_concept_word(tiny, tmp_path, monkeypatch, flags, expected):
+    """Which pseudo-word goes where, read at the insertion: code k's f(z_k) before its concept."""
+    calls = spy_insertions(monkeypatch)
+    single, _, mapper_path = tiny
+    import sample
+
+    sample.main(one_step_8px(single, mapper_path, tmp_path) + ["--code", "1", "--code", "2", *flags,
+                                                                "--prompt", "a man talking to a woman"])
+    assert_insertions(calls, mapper_path, "a man talking to a woman", expected)
+
+
+def test_two_codes_for_one_concept_word_go_before_its_occurrences_in_order(tiny, tmp_path, monkeypatch):
+    """"a man talking to another man": code 1 before the first man, code 2 before the second."""
+    calls = spy_insertions(monkeypatch)
+    single, _, mapper_path = tiny
+    import sample
+
+    prompt = "a man talking to another man"
+    sample.main(one_step_8px(single, mapper_path, tmp_path) + ["--code", "1", "--code", "2", "--concept", "man",
+                                                                "--concept", "man", "--prompt", prompt])
+    assert_insertions(calls, mapper_path, prompt, [(1, "man"), (2, "man")])
+
+
+def one_step_8px(weights, mapper_path, tmp_path):
+    return ["--weights", weights, "--mapper", mapper_path, "--out", str(tmp_path / "x.png"), "--steps", "1",
+            "--width", "8", "--height", "8", "--device", "cpu"]
+
+
+def spy_insertions(monkeypatch):
+    """Record every insert_many call of the real encode path (one per text encoder)."""
+    from model import mapper
+
+    calls, original = [], mapper.insert_many
+    monkeypatch.setattr(mapper, "insert_many", lambda e, pairs, eos: calls.append(pairs) or original(e, pairs, eos))
+    return calls
+
+
+def assert_insertions(calls, mapper_path, prompt, expected):
+    """Both encoders' insertions put f(z of code k) at the k-th expected word's own occurrence."""
+    from model import clip
+    from model.mapper import code_to_z, load_mapper
+
+    f = load_mapper(mapper_path)
+    ids = clip.Tokenizer.bundled(pad="eos")([prompt])[0].tolist()
+    tok = clip.Tokenizer.bundled(pad="eos")
+    # sample.py's dry run before loading, then CLIP-L and bigG (the empty negative prompt has no subjects)
+    assert len(calls) == 3
+    for encoder, pairs in enumerate(calls[1:]):
+        seen = {}
+        for (w, i), (code, word) in zip(pairs, expected, strict=True):
+            occurrence = seen.get(word, 0)
+            seen[word] = occurrence + 1
+            (at,) = [p for p in range(1, len(ids)) if ids[p] == tok.encode(word)[0]][occurrence:occurrence + 1]
+            assert i.tolist() == [at], (encoder, code, word)
+            assert torch.allclose(w[0].float(), f(code_to_z(code, f.config.z_dim)[None])[encoder][0]), (encoder, code)
 
 
 def test_the_png_command_names_everything_that_decides_the_pixels(runs):
