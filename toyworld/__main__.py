@@ -1,0 +1,3 @@
+from toyworld.experiment import main
+
+main()

@@ -1,0 +1,271 @@
+"""A small SDXL trained from scratch on the toy world: the VAE first, then the UNet on its latents.
+
+Everything is the project's own model code (model/), at toy widths, and the result is saved as
+an official-layout single file that `sample.py`, `train.py` and `eval.py` load with `--weights`:
+
+    VAE     SDXL's AutoencoderKL with 4 levels (8x downsampling, 4 latent channels), 64 channels wide.
+            64 px images -> 4 x 8 x 8 latents, trained on L1 reconstruction of the posterior mean.
+    text    CLIP-L (64 wide) and bigG (128 wide, pooled 32), 3 layers each, with the real CLIP
+            tokenizer; random and FROZEN. SDXL's own text encoders are frozen while its UNet
+            trains, and CoCoIns needs only a differentiable path through them; a random frozen
+            transformer still gives every word its own features, which the UNet learns to read
+            (DESIGN.md's probe: named colour 88 %, scene 92 %). Training them too would cost a
+            third more per step and change nothing the experiment measures.
+    UNet    SDXL's topology: 3 levels (64, 64, 128 channels), no attention at the first,
+            cross-attention to the 192-wide context, added size/crop conditioning; ε-prediction
+            on SDXL's schedule (model/ddim.py), 10 % caption dropout to the zero conditioning
+            that an empty negative prompt gives (so classifier-free guidance works as in SDXL).
+
+PITFALL: the pipeline scales latents by SDXL's 0.13025 (model/vae.py SCALING_FACTOR). A VAE trained
+from scratch has its own latent spread, so after training the latent is rescaled inside the VAE
+(the encoder's quant_conv and the decoder's post_quant_conv, an exact change of variables) until
+0.13025 · z has unit standard deviation, as SDXL's VAE was scaled for its latents.
+
+Read next: toyworld/judge.py (the classifier that reads people from images).
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from model import ddim
+from model.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer, eos_positions
+from model.sdxl import PREFIX
+from model.unet import UNet, UNetConfig
+from model.vae import SCALING_FACTOR, AutoencoderKL, VAEConfig
+from toyworld import world
+
+CLIP_L = CLIPTextConfig(width=64, layers=3, heads=1, mlp_width=256)
+CLIP_G = OpenCLIPTextConfig(width=128, layers=3, heads=2, mlp_width=512, projection_dim=32)
+# PITFALL: GroupNorm has 32 groups in every SDXL model (the loader assumes it: the weights do not
+# store it). At 32 channels that is one channel per group, an instance norm that erases each
+# channel's mean, and with it the flat colours this world is made of. So no layer is under 64 wide.
+VAE = VAEConfig(ch=32, ch_mult=(2, 2, 2, 2), num_res_blocks=1)
+UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+                  transformer_depth_middle=1, context_dim=CLIP_L.width + CLIP_G.width,
+                  adm_in_channels=CLIP_G.projection_dim + 6 * 256)
+
+
+@dataclass
+class BaseConfig:
+    vae_steps: int = 1200  # VAE steps on random 32 px crops (a quarter of the pixels of a 64 px image)
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    latent_penalty: float = 1e-4  # weight of mean(μ²): keeps the latent's scale from drifting
+    unet_steps: int = 2500  # UNet steps; ~27 epochs of a 6,000-image world at batch 64
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    ema: float = 0.999  # the saved UNet is an exponential moving average of the trained one
+    caption_dropout: float = 0.1  # share of steps' captions replaced by the unconditional zeros
+    seed: int = 0
+
+
+def _init_text(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """CLIP's initialisation: tokens N(0, 0.02²), positions N(0, 0.01²), Linear layers PyTorch's default."""
+    for name, p in model.named_parameters():
+        if "token_embedding" in name:
+            torch.nn.init.normal_(p, std=0.02, generator=generator)
+        elif "position" in name:
+            torch.nn.init.normal_(p, std=0.01, generator=generator)
+        elif name.endswith("text_projection"):
+            torch.nn.init.normal_(p, std=p.shape[0] ** -0.5, generator=generator)
+        elif name.endswith("in_proj_weight"):  # bigG's fused q|k|v (nn.MultiheadAttention's init)
+            torch.nn.init.xavier_uniform_(p, generator=generator)
+        elif name.endswith("in_proj_bias"):
+            torch.nn.init.zeros_(p)
+
+
+def build(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """The four toy SDXL models, freshly initialised (text encoders are final: they never train)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": UNet(UNET), "vae": AutoencoderKL(VAE)}
+    for name in ("clip_l", "clip_g"):
+        _init_text(models[name], g)
+    # The UNet's last conv starts at zero: ε̂ = 0 at first, no random pull on the early steps.
+    torch.nn.init.zeros_(models["unet"].out[-1].weight)
+    torch.nn.init.zeros_(models["unet"].out[-1].bias)
+    return models
+
+
+def save_single_file(path: str, models: dict[str, torch.nn.Module]) -> None:
+    """Write the four models under the official SDXL prefixes (the layout of sd_xl_base_1.0.safetensors)."""
+    sd = {PREFIX[name] + k: v.detach().contiguous() for name, m in models.items() for k, v in m.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata={"toyworld": "trained from scratch on toyworld/world.py"})
+    os.replace(tmp, path)
+
+
+# -- the world as tensors ------------------------------------------------------------------------
+
+
+def load_world(folder: str):
+    """(images (N, 3, 64, 64) uint8, names, truth dicts) of an exported world."""
+    with open(os.path.join(folder, "truth.json")) as f:
+        truth = json.load(f)
+    names = sorted(truth)
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, "img_align_celeba", n)).convert("RGB")) for n in names])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), names, [truth[n] for n in names]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+# -- the VAE -------------------------------------------------------------------------------------
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: BaseConfig, log=print) -> None:
+    """L = |x − D(μ(x))|₁ + w·mean(μ(x)²): trained as an autoencoder on the posterior mean.
+
+    Everything downstream uses the mode μ (train.py encodes with it, the UNet draws it), so the
+    sampled z = μ + σ·ε of a full VAE would only slow training: with a whisper of KL, as Stable
+    Diffusion's, the encoder first has to learn to silence σ before the decoder sees anything.
+    The small penalty on μ² keeps the latent's scale from drifting (it is folded out afterwards)."""
+    rng = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    vae.train()
+    t0, avg = time.time(), None
+    for step in range(1, cfg.vae_steps + 1):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=rng)
+        # Random 32 px crops (aligned to the 8 px latent grid): the networks are convolutional,
+        # so crops teach the same filters at a quarter of the cost.
+        top, left = (torch.randint(0, 5, (2,), generator=rng) * 8).tolist()
+        x = to_unit(images[idx, :, top : top + 32, left : left + 32])
+        mu = vae.encode(x).mode()
+        l1 = (vae.decode(mu) - x).abs().mean()
+        loss = l1 + cfg.latent_penalty * mu.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        avg = l1.item() if avg is None else 0.95 * avg + 0.05 * l1.item()
+        if step % 100 == 0 or step == cfg.vae_steps:
+            log(f"vae step {step}/{cfg.vae_steps}  L1 {avg:.4f}  {time.time() - t0:.0f}s")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_means(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Unscaled latent means z (N, 4, 8, 8), the mode of q(z|x), as train.py encodes."""
+    return torch.cat([vae.encode(to_unit(images[i : i + batch])).mode() for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def fold_latent_scale(vae: AutoencoderKL, z: torch.Tensor) -> float:
+    """Rescale the VAE's latent so that SCALING_FACTOR · z has unit std; returns the factor applied.
+
+    z' = s·z: the encoder's mean channels of quant_conv are multiplied by s (and its log-variance
+    channels shifted by 2·log s), the decoder's post_quant_conv divides its input weights by s, so
+    D(z') = D(z) exactly and the UNet's latents SCALING_FACTOR · z' are standardised."""
+    s = 1.0 / (SCALING_FACTOR * z.std().item())
+    C = vae.config.z_channels
+    vae.quant_conv.weight[:C] *= s
+    vae.quant_conv.bias[:C] *= s
+    vae.quant_conv.bias[C:] += 2 * np.log(s)
+    vae.post_quant_conv.weight /= s
+    return s
+
+
+# -- the UNet ------------------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """Prompts -> (context (B, 77, 192), pooled (B, 32)) with the frozen toy CLIP towers, as SDXL encodes."""
+
+    def __init__(self, clip_l: CLIPTextModel, clip_g: OpenCLIPTextModel):
+        self.clip_l, self.clip_g = clip_l.eval().requires_grad_(False), clip_g.eval().requires_grad_(False)
+        self.tok_l, self.tok_g = Tokenizer.bundled(pad="eos"), Tokenizer.bundled(pad="!")
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]):
+        ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
+        out_l = self.clip_l(self.clip_l.embed(ids_l), eos_positions(ids_l))
+        out_g = self.clip_g(self.clip_g.embed(ids_g), eos_positions(ids_g))
+        return torch.cat([out_l.penultimate, out_g.penultimate], dim=-1), out_g.pooled
+
+
+def fresh_captions(truth: list[dict], rng: random.Random) -> list[str]:
+    """A new caption per image each step (the world's captioner, a new draw of what it names)."""
+    out = []
+    for t in truth:
+        who = world.Identity(*(world.FACTORS[f].index(t[f]) for f in world.FACTORS))
+        at = world.Placement(world.SCENES.index(t["scene"]), world.POSES.index(t["pose"]), 0, 0, 0, 0, 0)
+        concept = "person" if rng.random() < 0.2 else t["gender"]
+        out.append(world.caption(concept, who, at, rng))
+    return out
+
+
+def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list[dict], cfg: BaseConfig, log=print) -> UNet:
+    """ε-prediction on SDXL's schedule: L = ‖ε − ε_θ(√ᾱ_t·x₀ + √(1−ᾱ_t)·ε, t, c, y)‖²; returns the EMA UNet."""
+    rng, g = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    alpha_bar = ddim.alpha_bars()
+    ema = UNet(unet.config)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    B = cfg.unet_batch
+    time_ids = torch.tensor([world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE], dtype=torch.float32).expand(B, 6)
+    unet.train()
+    t0, avg = time.time(), None
+    for step in range(1, cfg.unet_steps + 1):
+        idx = torch.randint(len(latents), (B,), generator=g)
+        context, pooled = text(fresh_captions([truth[i] for i in idx.tolist()], rng))
+        # Caption dropout: the unconditional branch of SDXL base is all zeros (empty negative prompt).
+        drop = torch.rand(B, generator=g) < cfg.caption_dropout
+        context[drop], pooled[drop] = 0, 0
+        x0 = latents[idx]
+        t = torch.randint(0, ddim.T, (B,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = ddim.add_noise(x0, eps, alpha_bar[t])
+        loss = F.mse_loss(unet(x_t, t, context, pooled, time_ids), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            # EMA warm-up: a short run cannot wait for 1/(1 − 0.999) steps before the average means anything.
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 100 == 0 or step == cfg.unet_steps:
+            log(f"unet step {step}/{cfg.unet_steps}  loss {avg:.4f}  {time.time() - t0:.0f}s")
+    return ema.eval()
+
+
+def train_base(world_dir: str, out_path: str, cfg: BaseConfig = BaseConfig(), log=print, figure: str | None = None) -> dict:
+    """World -> VAE -> latents -> UNet -> `out_path` (official single file). Returns training facts.
+
+    `figure`: a PNG of 8 images (top) and their VAE reconstructions (bottom)."""
+    torch.manual_seed(cfg.seed)
+    images, _, truth = load_world(world_dir)
+    models = build(cfg.seed)
+    t0 = time.time()
+    train_vae(models["vae"], images, cfg, log)
+    z = encode_means(models["vae"], images)
+    s = fold_latent_scale(models["vae"], z)
+    latents = z * s * SCALING_FACTOR
+    log(f"latent scale folded into the VAE: x{s:.3f} (latents: mean {latents.mean():.3f}, std {latents.std():.3f})")
+    vae_seconds = time.time() - t0
+    with torch.no_grad():
+        rec = models["vae"].decode(latents[:256] / SCALING_FACTOR).clamp(-1, 1)
+    vae_l1 = (rec - to_unit(images[:256])).abs().mean().item()
+    if figure:
+        pairs = torch.stack([images[:8], ((rec[:8] + 1) * 127.5).round().byte()])  # (2, 8, 3, 64, 64)
+        Image.fromarray(pairs.permute(0, 3, 1, 4, 2).reshape(2 * 64, 8 * 64, 3).numpy()).save(figure)
+    models["unet"] = train_unet(models["unet"], TextEncoder(models["clip_l"], models["clip_g"]), latents, truth, cfg, log)
+    save_single_file(out_path, models)
+    return {"vae_seconds": round(vae_seconds), "unet_seconds": round(time.time() - t0 - vae_seconds),
+            "vae_l1_64px": round(vae_l1, 4), "latent_scale": s,
+            "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}

@@ -1,0 +1,633 @@
+"""The toy-world experiment: does CoCoIns turn codes into people, and do the paper's ablations hold?
+
+One command runs it all and writes `toyworld/RESULTS.md` with its figures:
+
+    python -m toyworld                  # the world, the base model, the judge, every row (≤ 3 h on 2 cores)
+    python -m toyworld --rows core      # the dataset, the base model and full CoCoIns over 3 seeds
+    python -m toyworld --scale smoke    # everything at toy-of-toy size in about a minute (CI)
+
+Steps, each cached in `--work` (default toyworld/cache/; a rerun skips what exists):
+1. the world (toyworld/world.py), exported as a CelebA-layout folder;
+2. the base model (toyworld/base.py), an official-layout SDXL single file;
+3. the judge (toyworld/judge.py), with its held-out accuracy;
+4. one mapper per row, trained by the project's own command:
+       python train.py --data WORK/data --weights WORK/base.safetensors --resolution 64 ... FLAGS
+   nothing toy-specific goes into train.py: the rows differ only in train.py's flags;
+5. evaluation: for each row, codes x scenes x seeds images from the prompt
+   "a photo of a {man|woman} {scene}" (no attribute: the code must fix the person), read by the
+   judge, scored by eval.py's Face Sim and Face Div, identity agreement and scene accuracy.
+
+Read next: toyworld/README.md (what the results say), RESULTS.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from eval import face_diversity, face_similarity
+from model import ddim
+from model.mapper import code_to_z, load_mapper
+from model.sdxl import SDXL
+from toyworld import base, judge as judge_lib, world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONCEPTS = ("man", "woman")
+
+
+# -- what is run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    flags: tuple[str, ...] = ()  # train.py flags on top of the scale's common ones
+    table: str = ""  # which comparison it belongs to
+    paper: tuple[float, float] | None = None  # the paper's (Face Sim, Face Div), Portraits
+
+
+FULL = Row("CoCoIns (full)", table="main", paper=(0.600, 0.799))
+ROWS = [
+    FULL,
+    # Table 3: the consistency loss
+    Row("Pos", ("--gamma", "0"), "table3", (0.394, 0.500)),
+    Row("Pos + Neg (constant weight)", ("--beta", "0"), "table3", (0.492, 0.750)),
+    Row("Pos + Neg (subtract)", ("--negative", "subtract"), "table3", (0.380, 0.444)),
+    # Table 4: mask and background loss
+    Row("Consistency loss, no mask", ("--mask", "none"), "table4", (0.444, 0.395)),
+    Row("+ Mask (no background loss)", ("--lambda-back", "0"), "table4", (0.619, 0.352)),
+    # Table 5: how the positive is made
+    Row("Same prompts, different noise", ("--positive-prompt", "same"), "table5", (0.548, 0.686)),
+    Row("Different prompts, same noise", ("--positive-noise", "same"), "table5", (0.306, 0.772)),
+    # Open choices the paper leaves to us
+    Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices"),
+    Row("Masked distance normalised by area", ("--mask-reduction", "area"), "choices"),
+    Row("Sampling's size/crop conditioning in training", ("--time-ids", "sampling"), "choices"),
+    Row("γ x 10", ("--gamma", "0.01"), "choices"),
+    Row("γ / 10", ("--gamma", "0.0001"), "choices"),
+]
+# Where each paper table's full-method row sits (the full method is the last row of each table).
+PAPER_FULL = (0.600, 0.799)
+
+
+@dataclass
+class Scale:
+    world_config: world.WorldConfig = field(default_factory=world.WorldConfig)
+    base_config: base.BaseConfig = field(default_factory=base.BaseConfig)
+    judge_images: int = 6000  # rendered images to train the judge on (each also seen through the VAE)
+    judge_steps: int = 800
+    mapper_steps: int = 600  # K, train.py --steps
+    mapper_batch: int = 8
+    mapper_lr: float = 1e-3
+    checkpoint_every: int = 100  # also the spacing of the Face Sim curve
+    codes: int = 8  # codes per concept word (man, woman)
+    seeds: int = 2  # images per code and scene
+    scenes: tuple[str, ...] = world.SCENES
+    steps: int = 20  # DDIM steps
+    guidance: float = 3.0
+    mapper_seeds: int = 3  # seeds of the base-model and full-CoCoIns rows
+
+
+SCALES = {
+    "full": Scale(),
+    "smoke": Scale(
+        world_config=world.WorldConfig(identities=12, images_per_identity=2),
+        base_config=base.BaseConfig(vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=4),
+        judge_images=16, judge_steps=2, mapper_steps=2, mapper_batch=2, checkpoint_every=1,
+        codes=2, seeds=1, scenes=("beach", "snow"), steps=2, mapper_seeds=2,
+    ),
+}
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model: SDXL, jobs: list[dict], mapper=None, steps: int = 20, guidance: float = 3.0,
+             batch: int = 64) -> torch.Tensor:
+    """Images (N, 3, 64, 64) uint8 for jobs {"prompt", "seed", "concept", "code"}; codes need a mapper.
+
+    Batched DDIM with classifier-free guidance against SDXL base's zero unconditional conditioning,
+    the same computation as SDXL.generate for one image, many at a time."""
+    out = []
+    size = world.SIZE
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i : i + batch]
+        B = len(chunk)
+        subjects = None
+        if mapper is not None:
+            z = torch.stack([code_to_z(j["code"], mapper.config.z_dim) for j in chunk])
+            w_l, w_g = mapper(z)
+            subjects = [(w_l, w_g, [j["concept"] for j in chunk])]
+        context, pooled = model.encode_prompt([j["prompt"] for j in chunk], subjects)
+        # PITFALL (SDXL base): the unconditional branch of an empty negative prompt is all zeros.
+        context = torch.cat([context, torch.zeros_like(context)])
+        pooled = torch.cat([pooled, torch.zeros_like(pooled)])
+        time_ids = model.time_ids(size, size, 2 * B, model.device)
+
+        def eps_fn(x_t, t):
+            return model.unet(torch.cat([x_t, x_t]), t.repeat(2), context, pooled, time_ids).float().chunk(2)
+
+        x_T = ddim.initial_noise([j["seed"] for j in chunk], (B, 4, size // 8, size // 8), model.device, torch.float32)
+        x_0 = ddim.sample(eps_fn, x_T, steps, guidance)
+        out.append(torch.from_numpy(model.decode(x_0)).permute(0, 3, 1, 2))
+    return torch.cat(out)
+
+
+def eval_jobs(scale: Scale, offset: int = 0) -> list[dict]:
+    """codes x scenes x seeds per concept word; the seed depends on (concept, code, scene, repeat) so
+    that, without pseudo-words, the images grouped under one code index are random people.
+    `offset` shifts every seed (the base model's rows over several seeds)."""
+    jobs = []
+    for c, concept in enumerate(CONCEPTS):
+        for code in range(scale.codes):
+            for s, scene in enumerate(scale.scenes):
+                for r in range(scale.seeds):
+                    jobs.append({"concept": concept, "code": 1000 * (c + 1) + code, "scene": scene,
+                                 "prompt": world.prompt(concept, scene),
+                                 "seed": 1_000_003 * offset + 100_000 * c + 1000 * code + 10 * s + r})
+    return jobs
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def score(reading: dict, groups: list[list[int]], scenes: list[int]) -> dict:
+    """Face Sim, Face Div (eval.py), identity agreement and scene accuracy of judged images.
+
+    `groups`: image indices per identity (a code, or a dataset person); `scenes`: each image's true scene."""
+    emb, factors = reading["embedding"], reading["factors"]
+    agreement = []
+    for g in groups:
+        f = factors[g]
+        same = (f[:, None, :] == f[None, :, :]).all(-1)  # (n, n): all seven factors agree
+        n = len(g)
+        if n > 1:
+            agreement.append((same.sum().item() - n) / (n * (n - 1)))
+    return {
+        "face_sim": face_similarity([emb[g] for g in groups]),
+        "face_div": face_diversity([emb[g] for g in groups]),
+        "identity_agreement": float(np.mean(agreement)),
+        "scene_accuracy": (reading["scene"] == torch.tensor(scenes)).float().mean().item(),
+    }
+
+
+def score_generated(images: torch.Tensor, jobs: list[dict], judge: judge_lib.Judge) -> dict:
+    reading = judge.read(images)
+    keys = sorted({(j["concept"], j["code"]) for j in jobs})
+    groups = [[i for i, j in enumerate(jobs) if (j["concept"], j["code"]) == k] for k in keys]
+    metrics = score(reading, groups, [world.SCENES.index(j["scene"]) for j in jobs])
+    gender = torch.tensor([CONCEPTS.index(j["concept"]) for j in jobs])
+    metrics["concept_accuracy"] = (reading["factors"][:, 0] == gender).float().mean().item()
+    return metrics
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def contact_sheet(images: torch.Tensor, jobs: list[dict], path: str, codes: int = 4, title: str = "") -> None:
+    """Rows = codes (man codes, then woman codes), columns = scenes (first seed), 2x size, labelled."""
+    scenes = list(dict.fromkeys(j["scene"] for j in jobs))
+    keys = list(dict.fromkeys((j["concept"], j["code"]) for j in jobs))
+    keys = [k for c in CONCEPTS for k in [k for k in keys if k[0] == c][:codes]]
+    S, left, top = 2 * world.SIZE, 110, 34
+    sheet = Image.new("RGB", (left + S * len(scenes), top + S * len(keys)), "white")
+    d = ImageDraw.Draw(sheet)
+    d.text((4, 2), title, fill="black")
+    for col, scene in enumerate(scenes):
+        d.text((left + col * S + 4, top - 14), scene, fill="black")
+    for row, (concept, code) in enumerate(keys):
+        d.text((4, top + row * S + S // 2 - 6), f"{concept} code {code}", fill="black")
+        for col, scene in enumerate(scenes):
+            i = next(i for i, j in enumerate(jobs) if (j["concept"], j["code"], j["scene"]) == (concept, code, scene))
+            tile = Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((S, S), Image.NEAREST)
+            sheet.paste(tile, (left + col * S, top + row * S))
+    sheet.save(path)
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: str, title: str, ylabel: str) -> None:
+    """A small PNG line plot (PIL only): one polyline per named series of (x, y) points."""
+    W, H, m = 520, 300, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+
+    def at(x, y):
+        return m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 10), title, fill="black")
+    d.text((4, m - 14), f"{ylabel}: {y1:.4g}", fill="black")
+    d.text((4, H - m), f"{y0:.4g}", fill="black")
+    d.text((m, H - m + 6), f"step {x0:g}", fill="black")
+    d.text((W - m - 60, H - m + 6), f"step {x1:g}", fill="black")
+    colours = ["blue", "red", "green", "orange", "purple", "black"]
+    for k, (name, s) in enumerate(series.items()):
+        c = colours[k % len(colours)]
+        if len(s) > 1:
+            d.line([at(x, y) for x, y in s], fill=c, width=2)
+        d.text((W - m - 150, m + 6 + 14 * k), name, fill=c)
+    img.save(path)
+
+
+# -- the steps -----------------------------------------------------------------------------------
+
+
+class Experiment:
+    def __init__(self, scale: Scale, work: str, figures: str, log=print):
+        self.scale, self.work, self.figures, self.log = scale, work, figures, log
+        os.makedirs(work, exist_ok=True)
+        os.makedirs(figures, exist_ok=True)
+        self.data = os.path.join(work, "data")
+        self.weights = os.path.join(work, "base.safetensors")
+        self.timings: dict[str, float] = {}
+
+    def _cached(self, name: str, config: dict) -> dict | None:
+        """The facts of a finished step whose config matches, else None."""
+        path = os.path.join(self.work, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                done = json.load(f)
+            if done.get("config") == config:
+                return done
+        return None
+
+    def _done(self, name: str, config: dict, facts: dict) -> dict:
+        facts = {**facts, "config": config}
+        with open(os.path.join(self.work, f"{name}.json.tmp"), "w") as f:
+            json.dump(facts, f, indent=1)
+        os.replace(os.path.join(self.work, f"{name}.json.tmp"), os.path.join(self.work, f"{name}.json"))
+        return facts
+
+    def make_world(self) -> dict:
+        config = asdict(self.scale.world_config)
+        if (done := self._cached("world", config)) and os.path.isdir(self.data):
+            return done
+        t0 = time.time()
+        if os.path.isdir(self.data):
+            shutil.rmtree(self.data)
+        facts = world.export(self.data, self.scale.world_config)
+        self.log(f"world: {facts['images']} images of {facts['identities']} people in {time.time() - t0:.0f} s")
+        return self._done("world", config, {**facts, "seconds": round(time.time() - t0)})
+
+    def make_base(self) -> dict:
+        config = {"world": asdict(self.scale.world_config), "base": asdict(self.scale.base_config)}
+        if (done := self._cached("base", config)) and os.path.isfile(self.weights):
+            return done
+        facts = base.train_base(self.data, self.weights, self.scale.base_config, self.log,
+                                figure=os.path.join(self.figures, "vae_reconstructions.png"))
+        return self._done("base", config, facts)
+
+    def load_model(self) -> SDXL:
+        return SDXL.load(self.weights)  # the project's own loader, as sample.py and train.py load it
+
+    def make_judge(self, model: SDXL) -> tuple[judge_lib.Judge, dict]:
+        config = {"base": self._cached("base", {"world": asdict(self.scale.world_config), "base": asdict(self.scale.base_config)}) is not None,
+                  "images": self.scale.judge_images, "steps": self.scale.judge_steps, "base_mtime": os.path.getmtime(self.weights)}
+        path = os.path.join(self.work, "judge.pt")
+        judge = judge_lib.Judge()
+        if (done := self._cached("judge", config)) and os.path.isfile(path):
+            judge.load_state_dict(torch.load(path, weights_only=True))
+            return judge.eval(), done
+        t0 = time.time()
+        n = self.scale.judge_images
+        images, labels = judge_lib.render_set(n, seed=1)
+        held_images, held_labels = judge_lib.render_set(max(16, n // 6), seed=2)
+        rec, held_rec = self.round_trip(model, images), self.round_trip(model, held_images)
+        judge = judge_lib.train_judge(torch.cat([images, rec]), torch.cat([labels, labels]), self.scale.judge_steps, log=self.log)
+        torch.save(judge.state_dict(), path)
+        facts = {"held_out_rendered": judge_lib.accuracy(judge, held_images, held_labels),
+                 "held_out_through_vae": judge_lib.accuracy(judge, held_rec, held_labels),
+                 "seconds": round(time.time() - t0)}
+        self.log(f"judge: held-out accuracy {facts['held_out_rendered']['person']:.3f} (all seven factors, rendered), "
+                 f"{facts['held_out_through_vae']['person']:.3f} (through the VAE)")
+        return judge, self._done("judge", config, facts)
+
+    @torch.no_grad()
+    def round_trip(self, model: SDXL, images: torch.Tensor) -> torch.Tensor:
+        """Images through the toy VAE and back (what a generated image looks like at best)."""
+        out = []
+        for i in range(0, len(images), 128):
+            z = model.vae.encode(base.to_unit(images[i : i + 128])).mode()
+            out.append(torch.from_numpy(model.decode(z * base.SCALING_FACTOR)).permute(0, 3, 1, 2))
+        return torch.cat(out)
+
+    def dataset_row(self, judge: judge_lib.Judge) -> dict:
+        images, names, truth = base.load_world(self.data)
+        reading = judge.read(images)
+        by_person: dict[int, list[int]] = {}
+        for i, t in enumerate(truth):
+            by_person.setdefault(t["identity"], []).append(i)
+        return score(reading, list(by_person.values()), [world.SCENES.index(t["scene"]) for t in truth])
+
+    def base_quality(self, model: SDXL, judge: judge_lib.Judge) -> dict:
+        """Does a named attribute appear? One prompt per (factor, value, concept, seed), read by the judge."""
+        jobs, wanted = [], []
+        for f, values in world.FACTORS.items():
+            if f == "gender":
+                continue
+            for v, value in enumerate(values):
+                if (f, value) in (("glasses", "no"),):
+                    continue  # captions never say "without glasses"
+                names = {k: vals[0] for k, vals in world.FACTORS.items()} | {f: value}
+                for c, concept in enumerate(CONCEPTS):
+                    for r in range(self.scale.seeds):
+                        phrase = world.describe(concept, names, None, named={f})
+                        jobs.append({"prompt": f"a photo of a {phrase} {world.SCENE_PHRASES['beach'][0]}",
+                                     "seed": 7_000_000 + 100 * len(jobs) + r, "concept": concept})
+                        wanted.append((list(world.FACTORS).index(f), v))
+        images = generate(model, jobs, steps=self.scale.steps, guidance=self.scale.guidance)
+        factors = judge.read(images)["factors"]
+        hit = [factors[i, f].item() == v for i, (f, v) in enumerate(wanted)]
+        per_factor = {}
+        for (f, v), h in zip(wanted, hit):
+            per_factor.setdefault(list(world.FACTORS)[f], []).append(h)
+        chance = {f: 1 / len(world.FACTORS[f]) for f in per_factor}
+        contact = os.path.join(self.figures, "base_named_attributes.png")
+        tiles = images[: 16 * (len(images) // 16)][:32]
+        if len(tiles):
+            grid = tiles.reshape(-1, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(-1, 8 * 64, 3)
+            Image.fromarray(grid.numpy()).resize((2 * 8 * 64, 2 * grid.shape[0]), Image.NEAREST).save(contact)
+        return {"named_attribute_accuracy": float(np.mean(hit)),
+                "per_factor": {f: float(np.mean(h)) for f, h in per_factor.items()},
+                "chance": chance, "prompts": len(jobs)}
+
+    # -- mapper rows -----------------------------------------------------------------------------
+
+    def train_row(self, row: Row, seed: int) -> str:
+        """Train (or reuse) one mapper with train.py; returns its run folder."""
+        s = self.scale
+        run = os.path.join(self.work, "runs", _slug(row.name) + f"-seed{seed}")
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", self.data, "--weights", self.weights,
+               "--out", run, "--cache-dir", os.path.join(self.work, "latents"), "--resolution", str(world.SIZE),
+               "--steps", str(s.mapper_steps), "--batch-size", str(s.mapper_batch), "--lr", str(s.mapper_lr),
+               "--checkpoint-every", str(s.checkpoint_every), "--sample-every", "0", "--num-workers", "0",
+               "--device", "cpu", "--seed", str(seed), *row.flags]
+        done = os.path.join(run, "done.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                if json.load(f)["command"] == cmd[1:]:
+                    return run
+            shutil.rmtree(run)
+        resume = ["--resume"] if os.path.isfile(os.path.join(run, "state.pt")) else []
+        self.log(f"training {row.name} (seed {seed}): {' '.join(cmd[1:])}")
+        t0 = time.time()
+        snapshots = os.path.join(run, "snapshots")
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch_checkpoints, args=(run, snapshots, stop), daemon=True)
+        watcher.start()
+        try:
+            proc = subprocess.run(cmd + resume, cwd=ROOT, capture_output=True, text=True)
+        finally:
+            stop.set()
+            watcher.join()
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py failed for {row.name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        _snapshot(run, snapshots)
+        with open(done, "w") as f:
+            json.dump({"command": cmd[1:], "seconds": round(time.time() - t0)}, f)
+        return run
+
+    def eval_row(self, model: SDXL, judge: judge_lib.Judge, mapper_path: str | None, figure: str | None = None,
+                 title: str = "", offset: int = 0) -> dict:
+        jobs = eval_jobs(self.scale, offset)
+        mapper = load_mapper(mapper_path) if mapper_path else None
+        images = generate(model, jobs, mapper, self.scale.steps, self.scale.guidance)
+        if figure:
+            contact_sheet(images, jobs, figure, title=title)
+        return score_generated(images, jobs, judge)
+
+    def curve(self, model: SDXL, judge: judge_lib.Judge, run: str) -> list[dict]:
+        """Face Sim and Face Div of every checkpoint snapshot of a run (the curve over training)."""
+        folder = os.path.join(run, "snapshots")
+        points = []
+        for name in sorted(os.listdir(folder), key=lambda n: int(n.split("_")[1].split(".")[0])):
+            step = int(name.split("_")[1].split(".")[0])
+            m = self.eval_row(model, judge, os.path.join(folder, name))
+            points.append({"step": step, **m})
+        return points
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def _snapshot(run: str, snapshots: str) -> None:
+    """Copy the run's mapper.safetensors, named by the step stored in it, if not copied yet."""
+    path = os.path.join(run, "mapper.safetensors")
+    if not os.path.isfile(path):
+        return
+    try:
+        with safe_open(path, "pt") as f:
+            step = int(f.metadata()["step"])
+    except Exception:
+        return  # being replaced right now: the next poll gets it
+    os.makedirs(snapshots, exist_ok=True)
+    target = os.path.join(snapshots, f"step_{step:06d}.safetensors")
+    if not os.path.exists(target):
+        shutil.copyfile(path, target + ".tmp")
+        os.replace(target + ".tmp", target)
+
+
+def _watch_checkpoints(run: str, snapshots: str, stop: threading.Event) -> None:
+    # train.py replaces mapper.safetensors atomically at each checkpoint; keep every one of them.
+    while not stop.wait(0.5):
+        _snapshot(run, snapshots)
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
+    v = np.array([r[key] for r in rows], dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def verdicts(dataset: dict, base_rows: list[dict], full_rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """The issue's definition of "working", each criterion with its numbers."""
+    fs, fs_sd = _mean_std(full_rows, "face_sim")
+    bs, bs_sd = _mean_std(base_rows, "face_sim")
+    spread = max(fs_sd, bs_sd)
+    ia, _ = _mean_std(full_rows, "identity_agreement")
+    fd, _ = _mean_std(full_rows, "face_div")
+    sa, _ = _mean_std(full_rows, "scene_accuracy")
+    sb, _ = _mean_std(base_rows, "scene_accuracy")
+    return [
+        (f"identity agreement ≥ 0.8 x the dataset's ({0.8 * dataset['identity_agreement']:.3f})",
+         ia >= 0.8 * dataset["identity_agreement"], f"{ia:.3f}"),
+        (f"Face Sim above the base model's by more than 10 x the spread over seeds (10 x {spread:.4f})",
+         fs - bs > 10 * spread, f"{fs:.3f} vs {bs:.3f}"),
+        (f"Face Div ≥ 0.9 x the dataset's ({0.9 * dataset['face_div']:.3f})", fd >= 0.9 * dataset["face_div"], f"{fd:.3f}"),
+        ("scene accuracy within 5 points of the base model's", abs(sa - sb) <= 0.05, f"{sa:.3f} vs {sb:.3f}"),
+    ]
+
+
+def _table(rows: list[tuple[str, dict]], paper: bool = False) -> list[str]:
+    head = "| row | Face Sim | Face Div | identity agreement | scene accuracy | concept accuracy |" + (" paper Face Sim / Div |" if paper else "")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in rows:
+        def cell(k):
+            if k not in m:
+                return "–"
+            return f"{m[k]:.3f} ± {m[k + '_sd']:.3f}" if k + "_sd" in m else f"{m[k]:.3f}"
+        line = f"| {name} | {cell('face_sim')} | {cell('face_div')} | {cell('identity_agreement')} | {cell('scene_accuracy')} | {cell('concept_accuracy')} |"
+        if paper:
+            line += f" {m['paper'][0]:.3f} / {m['paper'][1]:.3f} |" if m.get("paper") else " – |"
+        out.append(line)
+    return out
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0]:
+        out[k], out[k + "_sd"] = _mean_std(rows, k)
+    return out
+
+
+def direction(row: dict, full: dict, paper_row: tuple[float, float] | None) -> str:
+    """Does the toy world agree with the paper that the full method beats this ablation, per metric?"""
+    if not paper_row:
+        return ""
+    words = []
+    for k, i, label in (("face_sim", 0, "Face Sim"), ("face_div", 1, "Face Div")):
+        paper_says = PAPER_FULL[i] > paper_row[i]
+        toy_says = full[k] > row[k]
+        words.append(f"{label}: paper {'full > ablation' if paper_says else 'ablation ≥ full'}, "
+                     f"toy {'full > ablation' if toy_says else 'ablation ≥ full'} → {'agrees' if paper_says == toy_says else 'DISAGREES'}")
+    return "; ".join(words)
+
+
+def write_results(path: str, command: str, scale_name: str, facts: dict) -> None:
+    rel = lambda p: os.path.relpath(p, os.path.dirname(path))  # noqa: E731
+    f, L = facts, []
+    L += ["# Toy-world results", "",
+          "Made by one command (`toyworld/experiment.py`; the numbers and figures below are its output, "
+          "rerunning it reproduces them):", "", f"    {command}", "",
+          f"Scale `{scale_name}`; {f['world']['images']} images of {f['world']['identities']} people; "
+          f"wall time {f['seconds'] / 60:.0f} min on {f['machine']}.", ""]
+    if os.path.isfile(os.path.join(os.path.dirname(path), "FINDINGS.md")):
+        with open(os.path.join(os.path.dirname(path), "FINDINGS.md")) as fh:
+            L += [fh.read().strip(), ""]
+    L += ["## Is CoCoIns working here?", "", "| criterion | met | value |", "|---|---|---|"]
+    L += [f"| {c} | {'yes' if ok else '**no**'} | {v} |" for c, ok, v in f["verdicts"]]
+    L += ["", "## Main table", "",
+          "Face Sim and Face Div are eval.py's, on the judge's embedding (the seven factors' probabilities); "
+          "identity agreement is the share of a code's image pairs whose seven judged factors all agree; "
+          "scene accuracy is the share of images whose judged scene is the prompt's (the toy CLIP-T); concept "
+          "accuracy, the share whose judged gender is the prompt's man/woman. ± is the standard deviation over "
+          f"{f['mapper_seeds']} seeds (mapper seeds for CoCoIns, sampling seeds for the base model).", ""]
+    L += _table([("Dataset (same person = same identity label)", f["dataset"]),
+                 ("Base model, no code (grouped by index)", f["base"]),
+                 ("CoCoIns (full)", f["full"])]) + [""]
+    if f.get("ablations"):
+        L += ["", "## Ablations (one mapper seed each), against the paper's Tables 3-5 (Portraits)", ""]
+        for table, title in (("table3", "Table 3: the consistency loss"), ("table4", "Table 4: mask and background"),
+                             ("table5", "Table 5: how the positive is made"), ("choices", "Open choices")):
+            rows = [(r["name"], r) for r in f["ablations"] if r["table"] == table]
+            if not rows:
+                continue
+            L += [f"### {title}", ""]
+            L += _table(rows + [("CoCoIns (full, seed 0)", {**f["full_seed0"], "paper": PAPER_FULL if table != "choices" else None})],
+                        paper=table != "choices")
+            L += [""] + [f"- {name}: {direction(r, f['full_seed0'], r.get('paper'))}" for name, r in rows if r.get("paper")] + [""]
+    L += ["## The base model", "",
+          f"- Parameters: {', '.join(f'{k} {v / 1e6:.2f} M' for k, v in f['base_facts']['parameters'].items())}.",
+          f"- Training: VAE {f['base_facts']['vae_seconds'] / 60:.1f} min (L1 {f['base_facts']['vae_l1_64px']:.3f} on [-1, 1]), "
+          f"UNet {f['base_facts']['unet_seconds'] / 60:.1f} min.",
+          f"- Named attributes appear: {f['quality']['named_attribute_accuracy']:.3f} of {f['quality']['prompts']} prompts naming one "
+          "attribute show it (per factor: " + ", ".join(f"{k} {v:.2f} (chance {f['quality']['chance'][k]:.2f})"
+                                                        for k, v in f["quality"]["per_factor"].items()) + ").",
+          f"- Scenes: scene accuracy {f['base']['scene_accuracy']:.3f} without codes (dataset {f['dataset']['scene_accuracy']:.3f}).",
+          f"- Identities vary when no attribute is named: Face Div {f['base']['face_div']:.3f} across random groups "
+          f"(dataset across people: {f['dataset']['face_div']:.3f}).", "",
+          "## The judge", "",
+          "Held-out accuracy on rendered images of random people (all seven factors right / per head):", ""]
+    for label, key in (("rendered", "held_out_rendered"), ("through the VAE", "held_out_through_vae")):
+        acc = f["judge"][key]
+        L += [f"- {label}: person {acc['person']:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "person")]
+    L += ["", "## Figures", ""]
+    for title, name in (("Base model, no code: rows are code indices (random people), columns scenes", "contact_base.png"),
+                        ("CoCoIns: rows are codes, columns scenes", "contact_cocoins.png"),
+                        ("Loss terms over training (full CoCoIns, seed 0)", "curve_loss.png"),
+                        ("Face Sim and Face Div over training (full CoCoIns, seed 0)", "curve_face_sim.png"),
+                        ("VAE: images (top) and reconstructions (bottom)", "vae_reconstructions.png"),
+                        ("Base model, one named attribute per prompt", "base_named_attributes.png")):
+        L += [f"**{title}**", "", f"![{title}]({rel(os.path.join(f['figures'], name))})", ""]
+    L += ["## Raw numbers", "", "```json", json.dumps({k: v for k, v in f.items() if k != "verdicts"}, indent=1, default=str), "```", ""]
+    with open(path + ".tmp", "w") as fh:
+        fh.write("\n".join(L))
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.split("\n")[0])
+    p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full: the experiment; smoke: the plumbing in a minute")
+    p.add_argument("--rows", default="all", choices=["all", "core"], help="core: dataset, base model and full CoCoIns over seeds; all: plus every ablation")
+    p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"), help="where the world, the models and the runs are kept (rerun skips what exists)")
+    p.add_argument("--results", default=os.path.join(ROOT, "toyworld", "RESULTS.md"), help="the report to write")
+    p.add_argument("--figures", default=None, help="folder for the figures (default: figures/ beside --results)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = SCALES[args.scale]
+    figures = args.figures or os.path.join(os.path.dirname(os.path.abspath(args.results)), "figures")
+    exp = Experiment(scale, args.work, figures)
+    t0 = time.time()
+    facts = {"world": exp.make_world(), "base_facts": exp.make_base()}
+    model = exp.load_model()
+    judge, facts["judge"] = exp.make_judge(model)
+    facts["dataset"] = exp.dataset_row(judge)
+    facts["quality"] = exp.base_quality(model, judge)
+    exp.log("evaluating the base model without codes")
+    base_rows = [exp.eval_row(model, judge, None, os.path.join(figures, "contact_base.png") if s == 0 else None,
+                              "base model, no code", offset=s) for s in range(scale.mapper_seeds)]
+    full_rows, runs = [], []
+    for seed in range(scale.mapper_seeds):
+        run = exp.train_row(FULL, seed)
+        runs.append(run)
+        full_rows.append(exp.eval_row(model, judge, os.path.join(run, "mapper.safetensors"),
+                                      os.path.join(figures, "contact_cocoins.png") if seed == 0 else None, "CoCoIns"))
+    facts.update(base=_aggregate(base_rows), full=_aggregate(full_rows), full_seed0=full_rows[0],
+                 base_rows=base_rows, full_rows=full_rows, mapper_seeds=scale.mapper_seeds)
+    facts["verdicts"] = verdicts(facts["dataset"], base_rows, full_rows)
+    # Curves of the first full run: the loss terms from its log, Face Sim / Div from its checkpoints.
+    with open(os.path.join(runs[0], "log.jsonl")) as fh:
+        log = [json.loads(line) for line in fh if line.strip()]
+    line_plot({k: [(r["step"], r[k]) for r in log] for k in ("l_pos", "l_back", "d_neg")},
+              os.path.join(figures, "curve_loss.png"), "loss terms (full CoCoIns, seed 0)", "value")
+    facts["curve"] = exp.curve(model, judge, runs[0])
+    line_plot({k: [(c["step"], c[k]) for c in facts["curve"]] for k in ("face_sim", "face_div", "identity_agreement")},
+              os.path.join(figures, "curve_face_sim.png"), "Face Sim / Face Div / agreement over training", "value")
+    if args.rows == "all":
+        facts["ablations"] = []
+        for row in ROWS[1:]:
+            run = exp.train_row(row, 0)
+            m = exp.eval_row(model, judge, os.path.join(run, "mapper.safetensors"))
+            facts["ablations"].append({"name": row.name, "table": row.table, "flags": " ".join(row.flags),
+                                       "paper": row.paper, **m})
+            exp.log(f"{row.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+    facts["seconds"] = time.time() - t0
+    facts["figures"] = figures
+    facts["machine"] = f"{torch.get_num_threads()} CPU threads"
+    command = "python -m toyworld" + (f" --scale {args.scale}" if args.scale != "full" else "") + (
+        f" --rows {args.rows}" if args.rows != "all" else "")
+    write_results(args.results, command, args.scale, facts)
+    for c, ok, v in facts["verdicts"]:
+        exp.log(f"{'MET ' if ok else 'MISS'} {c}: {v}")
+    exp.log(f"wrote {args.results}")
