@@ -86,7 +86,7 @@ class Scale:
     base_config: base.BaseConfig = field(default_factory=base.BaseConfig)
     judge_images: int = 6000  # rendered images to train the judge on (each also seen through the VAE)
     judge_steps: int = 800
-    mapper_steps: int = 600  # K, train.py --steps
+    mapper_steps: int = 400  # K, train.py --steps
     mapper_batch: int = 8
     mapper_lr: float = 1e-3
     checkpoint_every: int = 100  # also the spacing of the Face Sim curve
@@ -190,6 +190,18 @@ def score_generated(images: torch.Tensor, jobs: list[dict], judge: judge_lib.Jud
     gender = torch.tensor([CONCEPTS.index(j["concept"]) for j in jobs])
     metrics["concept_accuracy"] = (reading["factors"][:, 0] == gender).float().mean().item()
     return metrics
+
+
+@torch.no_grad()
+def pseudo_word_similarity(mapper, codes: list[int]) -> float:
+    """Mean cosine between the (standardised) CLIP-L pseudo-words of different codes: near 1 means
+    the mapper has collapsed every code onto one word, near 0 that codes give unrelated words."""
+    w_l = mapper(torch.stack([code_to_z(c, mapper.config.z_dim) for c in codes]))[0]
+    head = mapper.heads[0]
+    u = torch.nn.functional.normalize((w_l - head.token_mean) / head.token_std, dim=1)
+    cos = u @ u.T
+    i, j = torch.triu_indices(len(codes), len(codes), offset=1)
+    return cos[i, j].mean().item()
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -410,7 +422,10 @@ class Experiment:
         images = generate(model, jobs, mapper, self.scale.steps, self.scale.guidance)
         if figure:
             contact_sheet(images, jobs, figure, title=title)
-        return score_generated(images, jobs, judge)
+        metrics = score_generated(images, jobs, judge)
+        if mapper is not None:
+            metrics["w_cos"] = pseudo_word_similarity(mapper, sorted({j["code"] for j in jobs}))
+        return metrics
 
     def curve(self, model: SDXL, judge: judge_lib.Judge, run: str) -> list[dict]:
         """Face Sim and Face Div of every checkpoint snapshot of a run (the curve over training)."""
@@ -478,14 +493,15 @@ def verdicts(dataset: dict, base_rows: list[dict], full_rows: list[dict]) -> lis
 
 
 def _table(rows: list[tuple[str, dict]], paper: bool = False) -> list[str]:
-    head = "| row | Face Sim | Face Div | identity agreement | scene accuracy | concept accuracy |" + (" paper Face Sim / Div |" if paper else "")
+    head = ("| row | Face Sim | Face Div | identity agreement | scene accuracy | concept accuracy | pseudo-word cos |"
+            + (" paper Face Sim / Div |" if paper else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, m in rows:
         def cell(k):
             if k not in m:
                 return "–"
             return f"{m[k]:.3f} ± {m[k + '_sd']:.3f}" if k + "_sd" in m else f"{m[k]:.3f}"
-        line = f"| {name} | {cell('face_sim')} | {cell('face_div')} | {cell('identity_agreement')} | {cell('scene_accuracy')} | {cell('concept_accuracy')} |"
+        line = f"| {name} | {cell('face_sim')} | {cell('face_div')} | {cell('identity_agreement')} | {cell('scene_accuracy')} | {cell('concept_accuracy')} | {cell('w_cos')} |"
         if paper:
             line += f" {m['paper'][0]:.3f} / {m['paper'][1]:.3f} |" if m.get("paper") else " – |"
         out.append(line)
@@ -529,7 +545,8 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
           "Face Sim and Face Div are eval.py's, on the judge's embedding (the seven factors' probabilities); "
           "identity agreement is the share of a code's image pairs whose seven judged factors all agree; "
           "scene accuracy is the share of images whose judged scene is the prompt's (the toy CLIP-T); concept "
-          "accuracy, the share whose judged gender is the prompt's man/woman. ± is the standard deviation over "
+          "accuracy, the share whose judged gender is the prompt's man/woman; pseudo-word cos, the mean cosine between "
+          "different codes' standardised CLIP-L pseudo-words (1: every code the same word). ± is the standard deviation over "
           f"{f['mapper_seeds']} seeds (mapper seeds for CoCoIns, sampling seeds for the base model).", ""]
     L += _table([("Dataset (same person = same identity label)", f["dataset"]),
                  ("Base model, no code (grouped by index)", f["base"]),
@@ -614,6 +631,16 @@ def main(argv=None) -> None:
     facts["curve"] = exp.curve(model, judge, runs[0])
     line_plot({k: [(c["step"], c[k]) for c in facts["curve"]] for k in ("face_sim", "face_div", "identity_agreement")},
               os.path.join(figures, "curve_face_sim.png"), "Face Sim / Face Div / agreement over training", "value")
+    command = "python -m toyworld" + (f" --scale {args.scale}" if args.scale != "full" else "") + (
+        f" --rows {args.rows}" if args.rows != "all" else "")
+    facts["figures"] = figures
+    facts["machine"] = f"{torch.get_num_threads()} CPU threads"
+
+    def report():
+        facts["seconds"] = time.time() - t0
+        write_results(args.results, command, args.scale, facts)
+
+    report()  # the core rows are on disk before the ablations start
     if args.rows == "all":
         facts["ablations"] = []
         for row in ROWS[1:]:
@@ -622,12 +649,7 @@ def main(argv=None) -> None:
             facts["ablations"].append({"name": row.name, "table": row.table, "flags": " ".join(row.flags),
                                        "paper": row.paper, **m})
             exp.log(f"{row.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
-    facts["seconds"] = time.time() - t0
-    facts["figures"] = figures
-    facts["machine"] = f"{torch.get_num_threads()} CPU threads"
-    command = "python -m toyworld" + (f" --scale {args.scale}" if args.scale != "full" else "") + (
-        f" --rows {args.rows}" if args.rows != "all" else "")
-    write_results(args.results, command, args.scale, facts)
+            report()
     for c, ok, v in facts["verdicts"]:
         exp.log(f"{'MET ' if ok else 'MISS'} {c}: {v}")
     exp.log(f"wrote {args.results}")
