@@ -48,6 +48,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -247,7 +248,8 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
     """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
 
     x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
-    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β."""
+    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β;
+    `step_config` the triplet's ablations (the paper's triplets by default)."""
     device = model.device
     P1 = [p1 for p1, _ in batch["captions"]]
     # P2, the positive's caption (P1 again for Table 5's "same prompts")
@@ -351,7 +353,10 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     log = Log(run_files(args.out)["log.jsonl"], step, args.steps, rank)
 
     try:
-        for epoch, position, batch in batches(dataset, epoch, position, steps_per_epoch, args, rank, world, device):
+        # the batches of the steps left (none when a resumed run is already done)
+        steps_left = max(args.steps - step, 0)
+        for epoch, position, batch in islice(batches(dataset, epoch, position, steps_per_epoch, args, rank, world,
+                                                     device), steps_left):
             # The CoCoIns step (eq. 5-9) on this batch, its codes, noises and timesteps.
             x0 = dataset.cache.fill(batch)
             noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
@@ -376,8 +381,6 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
                     last_checkpoint = step  # every rank knows it, for the NaN message
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 save_samples(model, f, args, step)
-            if step == args.steps:
-                break
     except KeyboardInterrupt:
         log.close()  # the progress bar ends before the line that says where the run stopped
         # Ctrl-C or SIGTERM: the steps done so far are kept, whether or not a checkpoint was due.

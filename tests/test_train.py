@@ -90,9 +90,9 @@ def sdxl_digest(model: SDXL) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    """`python train.py` for 3 steps, checkpoints every 2, samples at the end."""
+    """`python train.py` for 3 steps, checkpoints every 2."""
     out = tiny.root / "runs" / "user"
-    r = run("train.py", *argv(tiny, out, "--checkpoint-every", 2, "--sample-every", 3))
+    r = run("train.py", *argv(tiny, out, "--checkpoint-every", 2))
     assert r.returncode == 0, r.stderr
     return SimpleNamespace(out=str(out), stderr=r.stderr)
 
@@ -128,11 +128,14 @@ def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trai
         assert torch.equal(state["mapper"][name], tensor)
 
 
-def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(trained):
+def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(tiny, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    grid = Image.open(os.path.join(trained.out, "samples", "step_000003.png"))
-    assert "drawing the sample grid of step 3" in trained.stderr
+    monkeypatch.setattr(train, "SAMPLE_STEPS", 2)  # 16 images of 20 DDIM steps would take minutes here
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--sample-every", 3))
+    grid = Image.open(out / "samples" / "step_000003.png")
+    assert "drawing the sample grid of step 3" in capsys.readouterr().err
     assert json.loads(grid.text["rows"]) == {"code": list(train.SAMPLE_CODES)}
     assert json.loads(grid.text["columns"]) == {"prompt": [p for p, _ in train.SAMPLE_PROMPTS]}
     assert json.loads(grid.text["parameters"])["seeds"] == [0, 1, 2, 3]
@@ -177,6 +180,15 @@ def test_an_existing_run_is_never_overwritten_without_resume(trained, tiny):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {trained.out} already holds a training run; pass --resume to continue it, or choose another --out")
+    after = mapper_tensors(trained.out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resuming_a_finished_run_takes_no_step(trained, tiny):
+    before, log = mapper_tensors(trained.out), read_log(trained.out)
+    r = run("train.py", *argv(tiny, trained.out, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and read_log(trained.out) == log
     after = mapper_tensors(trained.out)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
