@@ -67,7 +67,7 @@ def run(script, *args, torchrun=False):
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)  # 900 s: a shared, loaded machine
 
 
 def read_log(out):
