@@ -269,6 +269,30 @@ def assert_insertions(calls, mapper_path, prompt, expected):
             assert torch.allclose(w[0].float(), f(code_to_z(code, f.config.z_dim)[None])[encoder][0]), (encoder, code)
 
 
+def test_the_contact_sheet_is_labelled_and_names_its_axes_in_png_text(runs):
+    sheet = Image.open(runs["code1"][1] / "contact_sheet.png")
+    assert json.loads(sheet.text["rows"]) == {"prompt": [READING, SURFING]}
+    assert json.loads(sheet.text["columns"]) == {"seed": [0]}
+    assert json.loads(sheet.text["parameters"])["code"] == [1]
+    # the two images, one below the other, in the lower right; labels in the margins
+    reading = output(runs, "code1", "000-seed0-code1.png")
+    W, H = sheet.size
+    assert W > SIZE and H > 2 * SIZE
+    assert np.array_equal(image(runs["code1"][1] / "contact_sheet.png")[H - 2 * SIZE:H - SIZE, W - SIZE:], reading)
+    assert np.asarray(sheet.convert("L"))[:H - 2 * SIZE].min() < 128  # text above the images
+
+
+def test_help_shows_each_default_once_and_no_machine_paths(capsys):
+    import sample
+
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: [])" not in text and "(default: )" not in text
+    assert ROOT not in text and "--seed SEED noise seed (repeat for several; default 0) --num-images" in text
+    assert "--width WIDTH image width in pixels" in text and "--height HEIGHT image height in pixels" in text
+
+
 def test_the_png_command_names_everything_that_decides_the_pixels(runs):
     command = Image.open(runs["code1_again"][1] / "000-seed0-code1.png").text["command"]
     assert "--weights " in command and "--mapper " in command and "--dtype float32" in command

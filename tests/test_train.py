@@ -17,6 +17,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -66,7 +67,7 @@ def run(script, *args, torchrun=False):
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)  # 900 s: a shared, loaded machine
 
 
 def read_log(out):
@@ -89,9 +90,9 @@ def sdxl_digest(model: SDXL) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    """`python train.py` for 3 steps, checkpoints every 2, samples at the end."""
+    """`python train.py` for 3 steps, checkpoints every 2."""
     out = tiny.root / "runs" / "user"
-    r = run("train.py", *argv(tiny, out, "--checkpoint-every", 2, "--sample-every", 3))
+    r = run("train.py", *argv(tiny, out, "--checkpoint-every", 2))
     assert r.returncode == 0, r.stderr
     return SimpleNamespace(out=str(out), stderr=r.stderr)
 
@@ -127,11 +128,41 @@ def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trai
         assert torch.equal(state["mapper"][name], tensor)
 
 
-def test_train_py_draws_a_sample_grid_of_codes_by_prompts(trained):
+def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(tiny, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    grid = Image.open(os.path.join(trained.out, "samples", "step_000003.png"))
-    assert grid.size == (len(train.SAMPLE_PROMPTS) * SIZE, len(train.SAMPLE_CODES) * SIZE)
+    monkeypatch.setattr(train, "SAMPLE_STEPS", 2)  # 16 images of 20 DDIM steps would take minutes here
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--sample-every", 3))
+    grid = Image.open(out / "samples" / "step_000003.png")
+    assert "drawing the sample grid of step 3" in capsys.readouterr().err
+    assert json.loads(grid.text["rows"]) == {"code": list(train.SAMPLE_CODES)}
+    assert json.loads(grid.text["columns"]) == {"prompt": [p for p, _ in train.SAMPLE_PROMPTS]}
+    assert json.loads(grid.text["parameters"])["seeds"] == [0, 1, 2, 3]
+    # the images fill the lower right; the labels, dark text on white, the margins above and left
+    W, H = grid.size
+    left, top = W - len(train.SAMPLE_PROMPTS) * SIZE, H - len(train.SAMPLE_CODES) * SIZE
+    assert left > 0 and top > 0
+    pixels = np.asarray(grid.convert("L"))
+    assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128
+
+
+def test_no_closing_grid_is_drawn_when_none_is_due(tiny, tmp_path, capsys):
+    """--steps 3 --sample-every 5: no multiple of 5 is reached, so no grid (it would cost more than training)."""
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--sample-every", 5))
+    assert not (out / "samples").exists()
+    assert "drawing the sample grid" not in capsys.readouterr().err
+
+
+def test_the_closing_line_names_the_weights_to_sample_with(trained, tiny):
+    last = trained.stderr.strip().splitlines()[-1]
+    assert last.startswith("done: ") and f"--weights {tiny.weights}" in last and "--vae" not in last
+
+
+def test_checkpoints_follow_the_umask_like_the_rest_of_the_run_folder(trained):
+    mode = lambda name: os.stat(os.path.join(trained.out, name)).st_mode & 0o777  # noqa: E731
+    assert mode("mapper.safetensors") == mode("state.pt") == mode("log.jsonl") == 0o666 & ~train.current_umask()
 
 
 def test_sample_py_code_generates_with_the_trained_mapper(trained, tiny, tmp_path):
@@ -149,6 +180,15 @@ def test_an_existing_run_is_never_overwritten_without_resume(trained, tiny):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {trained.out} already holds a training run; pass --resume to continue it, or choose another --out")
+    after = mapper_tensors(trained.out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resuming_a_finished_run_takes_no_step(trained, tiny):
+    before, log = mapper_tensors(trained.out), read_log(trained.out)
+    r = run("train.py", *argv(tiny, trained.out, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and read_log(trained.out) == log
     after = mapper_tensors(trained.out)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -197,10 +237,17 @@ def test_help_documents_every_flag_with_its_default(capsys):
                  "--resolution", "--split", "--crop", "--lr", "--weight-decay", "--z-dim", "--depth", "--hidden",
                  "--gamma", "--beta", "--lambda-con", "--lambda-back", "--distance", "--t-min", "--t-max",
                  "--checkpoint-every", "--sample-every", "--seed", "--device", "--dtype", "--grad-checkpointing",
-                 "--compile", "--attention", "--num-workers"):
+                 "--compile", "--attention", "--num-workers", *ABLATIONS[::2]):
         assert flag in text
     assert "(default: 10000)" in text and "(default: runs/cocoins)" in text and "(default: 200)" in text
     assert "(default: 0)" in text and "(default: None)" not in text
+    assert "{auto,float32,bfloat16,float16}" in text
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (4, 3), (64, 4)])
+def test_num_workers_defaults_to_what_the_machine_has(monkeypatch, cores, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert train.parse_args(["--data", "x"]).num_workers == workers
 
 
 # -- only f trains ---------------------------------------------------------------------------
@@ -272,6 +319,74 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny, 
     state_a = torch.load(whole / "state.pt", weights_only=True)["optimizer"]["state"]
     state_b = torch.load(killed / "state.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+
+
+def test_ctrl_c_before_the_first_checkpoint_saves_the_current_step_and_resumes_bit_for_bit(tiny, tmp_path,
+                                                                                         monkeypatch, capsys):
+    whole = tmp_path / "whole"
+    train.main(argv(tiny, whole, steps=4))
+
+    calls, original_step = [], train.cocoins_step
+
+    def ctrl_c_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # in the middle of step 3: steps 1-2 are done, no checkpoint was due
+        return original_step(*args)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(train, "cocoins_step", ctrl_c_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(tiny, stopped, steps=4))
+    assert torch.load(stopped / "state.pt", weights_only=True)["step"] == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stopped at step 2, saved; continue with `python train.py --data ") and last.endswith(" --resume`")
+
+    monkeypatch.setattr(train, "cocoins_step", original_step)
+    train.main(argv(tiny, stopped, "--resume", steps=4))
+    a, b = mapper_tensors(whole), mapper_tensors(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(stopped) == read_log(whole)
+
+
+def test_a_signal_during_the_update_waits_for_its_log_line_and_checkpoint(tiny, tmp_path, monkeypatch):
+    """Ctrl-C while AdamW updates f: the step is finished, logged and saved whole, then the run stops."""
+    import signal
+
+    step = torch.optim.AdamW.step
+
+    def interrupted_step(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of the update
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(tiny, out))
+    assert [row["step"] for row in read_log(out)] == [1]
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 1 and state["optimizer"]["state"][0]["step"] == 1
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_python_train_py_stopped_by_a_signal_saves_and_says_how_to_resume(tiny, tmp_path, signum):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv(tiny, out, steps=1000)],
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(getattr(signal, signum))
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    steps = [row["step"] for row in read_log(out)]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == steps[-1] >= 1
+    assert stderr.strip().splitlines()[-1].startswith(f"stopped at step {steps[-1]}, saved; continue with `python train.py")
 
 
 def test_resume_takes_the_learning_rate_and_weight_decay_of_its_command_line(tiny, tmp_path, monkeypatch):
