@@ -497,3 +497,59 @@ def test_time_ids_are_exact_float32_in_a_bfloat16_model_and_t_stays_integer(tiny
     assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [667, 667]
     assert seen["x_t"].dtype == seen["context"].dtype == torch.bfloat16
     assert SDXL.time_ids(1016, 1024, 1, "cpu", original=(1023, 767), crop=(3, 5)).tolist() == [[1023, 767, 3, 5, 1016, 1024]]
+
+
+def _reference_encoding(text_model, e_hat, eos, projection=None):
+    """transformers' CLIP text transformer run on given token embeddings (its `inputs_embeds`
+    path), read as SDXL reads it: hidden_states[-2], and the final LayerNorm at `eos`."""
+    L = e_hat.shape[1]
+    causal = torch.full((L, L), float("-inf")).triu(1)[None, None]
+    h = text_model.embeddings(inputs_embeds=e_hat)
+    states = [h]
+    for layer in text_model.encoder.layers:  # (what its encoder does, keeping every hidden state)
+        states.append(layer(states[-1], causal))
+    pooled = text_model.final_layer_norm(states[-1])[torch.arange(len(eos)), eos]
+    return states[-2], None if projection is None else projection(pooled)
+
+
+def _reference_insert(hf_tokenizer, embedding, prompts, subjects):
+    """Eq. 4 done by hand, for one encoder: each pseudo-word w goes directly before its concept
+    word's token, the padding's last row falls off, and the EOS moves one right per insertion."""
+    rows, eos = [], []
+    for prompt in prompts:
+        ids = hf_tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+        e = list(embedding(ids))
+        at = sorted(((ids.tolist().index(hf_tokenizer(c).input_ids[1]), w) for w, c in subjects), key=lambda p: -p[0])
+        for i, w in at:  # rightmost first, so the earlier positions still hold
+            e.insert(i, w)
+        rows.append(torch.stack(e[:77]))
+        eos.append(ids.tolist().index(49407) + len(subjects))
+    return torch.stack(rows), torch.tensor(eos)
+
+
+@pytest.mark.parametrize("prompts,concepts", [
+    (["a woman reading a book", "a photo of a woman smiling"], ["woman"]),
+    (["a man and a woman talking in a park", "a woman next to a man"], ["man", "woman"]),
+], ids=["one_subject", "two_subjects"])
+def test_encode_prompt_with_subjects_matches_transformers_on_the_inserted_embeddings(tiny, prompts, concepts):
+    """Both encoders' context and bigG's pooled vector, with pseudo-words inserted, equal
+    transformers' text models fed the inserted token embeddings, with pooled read at the
+    shifted EOS (the pre-insertion EOS is off by far more than the tolerance)."""
+    pipe, _, _, model = tiny
+    g = torch.Generator().manual_seed(0)
+    w_l = [torch.randn(pipe.text_encoder.config.hidden_size, generator=g) * 0.05 for _ in concepts]
+    w_g = [torch.randn(pipe.text_encoder_2.config.hidden_size, generator=g) * 0.05 for _ in concepts]
+    with torch.no_grad():
+        context, pooled = model.encode_prompt(prompts, [(a, b, c) for a, b, c in zip(w_l, w_g, concepts)])
+        e_l, eos_l = _reference_insert(pipe.tokenizer, pipe.text_encoder.embeddings.token_embedding,
+                                       prompts, list(zip(w_l, concepts)))
+        e_g, eos_g = _reference_insert(pipe.tokenizer_2, pipe.text_encoder_2.text_model.embeddings.token_embedding,
+                                       prompts, list(zip(w_g, concepts)))
+        want_l, _ = _reference_encoding(pipe.text_encoder, e_l, eos_l)
+        want_g, want_pooled = _reference_encoding(pipe.text_encoder_2.text_model, e_g, eos_g,
+                                                  pipe.text_encoder_2.text_projection)
+        _, stale = _reference_encoding(pipe.text_encoder_2.text_model, e_g, eos_g - len(concepts),
+                                       pipe.text_encoder_2.text_projection)
+    torch.testing.assert_close(context, torch.cat([want_l, want_g], dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=0)
+    assert (stale - want_pooled).abs().max() > 1e-2
