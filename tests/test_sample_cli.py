@@ -244,3 +244,39 @@ def test_no_weights_anywhere_says_how_to_download_them(runs):
     r = runs["no_weights"][0]
     assert_one_error_line(r, "no SDXL weights found")
     assert "run `python weights/download.py`" in r.stderr and "--weights PATH" in r.stderr
+
+
+@pytest.mark.parametrize("args,pairs", [
+    (["--code", 1, "--concept", "man", "--code", 2, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {1: "man", 2: "woman"}),
+    (["--code", 2, "--concept", "man", "--code", 1, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {2: "man", 1: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a man and a woman talking"], {1: "man", 2: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a woman and a man talking"], {1: "woman", 2: "man"}),
+], ids=["given", "given_swapped", "found", "found_swapped"])
+def test_each_code_reaches_the_concept_word_it_is_paired_with(tiny, tmp_path, monkeypatch, args, pairs):
+    """The pseudo-words that reach the encoders before a concept word are the mapper's output for
+    the code paired with that word: given in order with --concept, else the prompt's order."""
+    import sample
+    from model import mapper as mapper_lib
+
+    single, _, mapper = tiny
+    f = mapper_lib.load_mapper(mapper)
+    with torch.no_grad():
+        want = {code: f(mapper_lib.code_to_z(code, f.config.z_dim)[None]) for code in pairs}
+    seen = []
+
+    def spy(self, prompts, subjects=None):
+        seen.append(subjects)
+        return encode_prompt(self, prompts, subjects)
+
+    encode_prompt = SDXL.encode_prompt
+    monkeypatch.setattr(SDXL, "encode_prompt", spy)
+    sample.main(["--weights", single, "--mapper", mapper, "--out", str(tmp_path), "--steps", "1", "--guidance", "1",
+                 "--width", "64", "--height", "64", "--device", "cpu", *map(str, args)])
+    subjects = next(s for s in seen if s)
+    assert [concept for _, _, concept in subjects] == list(pairs.values())
+    for (w_l, w_g, concept), code in zip(subjects, pairs):
+        assert pairs[code] == concept
+        torch.testing.assert_close(w_l, want[code][0][0], rtol=0, atol=0)
+        torch.testing.assert_close(w_g, want[code][1][0], rtol=0, atol=0)
