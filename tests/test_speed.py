@@ -86,7 +86,10 @@ def dynamo_only(monkeypatch):
 def test_a_compiled_sampling_loop_does_not_recompile_after_its_first_step(models, reference_image, dynamo_only, mode):
     sdxl = bench.make_sdxl(bench.same_weights(models), CPU, torch.float32)
     sdxl.compile(mode)
+    before = graphs_compiled()
     sdxl.generate("a woman reading", seed=3, steps=1, width=PX, height=PX)  # the first step compiles
+    # full: the whole UNet and the VAE decoder, one graph each; regional: the UNet's 3 distinct blocks
+    assert graphs_compiled() - before == {"full": 2, "regional": 3}[mode]
     before = graphs_compiled()
     # Every later step (a new timestep each time), prompt, seed and guidance scale must reuse
     # what the first step compiled; dynamo raises on any recompilation.
