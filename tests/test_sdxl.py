@@ -12,6 +12,7 @@ import os
 import shutil
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -553,3 +554,23 @@ def test_encode_prompt_with_subjects_matches_transformers_on_the_inserted_embedd
     torch.testing.assert_close(context, torch.cat([want_l, want_g], dim=-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=0)
     assert (stale - want_pooled).abs().max() > 1e-2
+
+
+def test_decode_rounds_the_vae_output_to_the_nearest_uint8():
+    """[-1, 1] -> [0, 255] rounds to nearest, as diffusers' image processor does (truncation is
+    off by one on about half the pixels, which a 1/255 image tolerance would hide)."""
+    pixels = torch.tensor([0.4, 0.6, 127.4, 127.6, 254.4, 254.6, -3.0, 300.0])  # on the 0-255 scale
+    want = [0, 1, 127, 128, 254, 255, 0, 255]
+
+    class VAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def decode(self, z):
+            return (pixels / 255 - 0.5).mul(2).expand(z.shape[0], 3, 1, -1)  # x = 2·(p/255) − 1
+
+    model = SDXL(None, None, None, None, None, VAE(), "cpu", torch.float32)
+    images = model.decode(torch.zeros(1, 4, 1, 1))
+    assert images.dtype == np.uint8 and images.shape == (1, 1, len(want), 3)
+    assert images[0, 0, :, 0].tolist() == want
