@@ -52,8 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import clip, unet, vae
-from model.sdxl import PREFIX, SDXL
+from model import checkpoint, clip, unet, vae
+from model.checkpoint import PREFIX
+from model.sdxl import SDXL
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KEYS = os.path.join(ROOT, "tests", "data", "sdxl_keys.json")
@@ -123,7 +124,7 @@ def tiny_size() -> Size:
 # ---------------------------------------------------------------------------------------------
 
 # Our builders from official-name tensors, per model (they assign the tensors: no copy).
-BUILD = {"clip_l": clip.build_clip_l, "clip_g": clip.build_bigg, "unet": unet.build, "vae": vae.build}
+BUILD = {name: functools.partial(checkpoint.build, name) for name in checkpoint.MODULES}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -184,9 +185,8 @@ def build_diffusers(size: Size, device, dtype, seed=0, names=MODELS) -> dict[str
     return {name: models[name] for name in MODELS if name in models}
 
 
-# Each model file's renaming of the diffusers/transformers layout into official names.
-FROM_DIFFUSERS = {"clip_l": clip.clip_l_from_diffusers, "clip_g": clip.bigg_from_diffusers,
-                  "unet": unet.from_diffusers, "vae": vae.from_diffusers}
+# The loader's renaming of the diffusers/transformers layout into official names, per model.
+FROM_DIFFUSERS = {name: functools.partial(checkpoint.from_diffusers, name) for name in checkpoint.MODULES}
 
 
 def ours_from_diffusers(theirs: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:

@@ -233,7 +233,7 @@ class GPUCheck:
     def unet(self):
         d, res = self.device, self.size.image
         theirs = build_diffusers(self.size, d, torch.float32, names=("unet",))["unet"]
-        ours = unet.build(unet.from_diffusers(theirs.state_dict()))
+        ours = BUILD["unet"](FROM_DIFFUSERS["unet"](theirs.state_dict()))
         x, t, context, pooled, time_ids = unet_inputs(self.size, 2, res, d, torch.float32, seed=4)
         # two different samples: their own timestep and micro-conditioning each
         t = torch.tensor([999, 301], device=d)

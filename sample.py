@@ -221,7 +221,8 @@ def subjects_from_codes(codes, concepts, f, model, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model.sdxl import MISSING_WEIGHTS, SDXL, check_cuda_graphs, check_size, find_default_weights
+    from model.checkpoint import MISSING_WEIGHTS, find_default_weights
+    from model.sdxl import SDXL, check_cuda_graphs, check_size
 
     prompts = args.prompt
     if not prompts or any(not p.strip() for p in prompts):

@@ -54,7 +54,8 @@ from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
 from model import attention, clip, ddim
 from model.checkpoint import UserError
 from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
-from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
+from model.checkpoint import MISSING_WEIGHTS, find_default_weights
+from model.sdxl import SDXL
 from model.unet import COMPILE_MODES
 from model.vae import SCALING_FACTOR
 from sample import pick_device, pick_dtype

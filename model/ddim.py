@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import UserError
+from model.errors import UserError
 
 # SDXL base's training schedule (the `scheduler` config shipped with the official weights).
 T = 1000  # number of training noise levels

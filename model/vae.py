@@ -36,7 +36,6 @@ bfloat16 has float32's range and is fine.
 Read next: model/unet.py (what consumes the latents), model/ddim.py (how they are sampled).
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import attention
-from model.checkpoint import CheckpointError, UserError, load_strict
+from model.errors import UserError
 from model.unet import GroupNorm32  # float32 statistics, bounded memory
 
 # SDXL's latent scale: z · 0.13025 has roughly unit variance, which the UNet was trained on
@@ -305,101 +304,3 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z.to(self._dtype())))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: architecture from names and shapes, the diffusers layout, build.
-
-
-def _describe(names) -> str:
-    """What a set of tensor names looks like, for the error when it is not an official-layout VAE."""
-    names = list(names)
-    if any(n.startswith("first_stage_model.") for n in names):
-        return "official VAE names that still carry the 'first_stage_model.' prefix, which must be stripped first"
-    if any(n.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for n in names):
-        return "a VAE in the diffusers layout, which must go through vae.from_diffusers() first"
-    if any(n.startswith("encoder.conv_in.") for n in names) and "quant_conv.weight" not in names:
-        return "a VAE without quant_conv (like the 16-channel SD3/FLUX autoencoder), which SDXL cannot use"
-    if any(n.startswith(("input_blocks.", "time_embed.", "time_embedding.", "model.diffusion_model.")) for n in names):
-        return "a UNet"
-    if any("text_model." in n or "transformer.resblocks." in n or "token_embedding" in n for n in names):
-        return "a text encoder"
-    shown = ", ".join(sorted(names)[:3]) or "nothing"
-    return f"something else (first tensors: {shown})"
-
-
-def config_from_state_dict(shapes: dict[str, tuple]) -> VAEConfig:
-    """Read the VAE architecture from official (prefix-stripped) tensor names and shapes."""
-    required = (
-        "encoder.conv_in.weight",
-        "encoder.down.0.block.0.conv1.weight",
-        "decoder.conv_in.weight",
-        "decoder.conv_out.weight",
-        "quant_conv.weight",
-    )
-    if not all(name in shapes for name in required):
-        raise CheckpointError(
-            f"these weights are not an SDXL VAE in the official layout: they look like {_describe(shapes)}"
-        )
-    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-    levels = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", n)))
-    blocks = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", n)))
-    # each level's width is the output width of its first ResNet's first conv
-    widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
-    return VAEConfig(
-        in_channels=in_channels,
-        out_channels=shapes["decoder.conv_out.weight"][0],
-        ch=ch,
-        ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=blocks,
-        z_channels=shapes["decoder.conv_in.weight"][1],
-    )
-
-
-# diffusers AutoencoderKL name -> official name, applied in order to each tensor name; the
-# parts the two layouts share (conv_in, conv_out, norm1/conv1/norm2/conv2, quant_conv,
-# post_quant_conv) need no rule. Decoder level indices are reversed before this table runs.
-_DIFFUSERS_TO_OFFICIAL = [
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.\1.block.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.upsample."),
-    (r"\.conv_shortcut\.", r".nin_shortcut."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_q\.", r"\1.mid.attn_1.q."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_k\.", r"\1.mid.attn_1.k."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_v\.", r"\1.mid.attn_1.v."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-]
-
-
-def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers AutoencoderKL state dict (`vae/diffusion_pytorch_model.safetensors`)
-    to the official layout. Works on meta tensors."""
-    levels = 1 + max((int(m[1]) for n in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", n))), default=-1)
-    out = {}
-    for name, t in sd.items():
-        # PITFALL: diffusers numbers decoder levels in execution order (up_blocks.0 = lowest
-        # resolution); the official file numbers them by resolution like the encoder
-        # (up.0 = full resolution), so up_blocks.i is up.{levels-1-i}.
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.", name)
-        for pattern, repl in _DIFFUSERS_TO_OFFICIAL:
-            new = re.sub(pattern, repl, new)
-        # diffusers' mid attention is nn.Linear [C, C]; the official file has 1x1 convs [C, C, 1, 1]
-        if ".mid.attn_1." in new and new.endswith(".weight") and t.ndim == 2:
-            t = t[:, :, None, None]
-        out[new] = t
-    return out
-
-
-def build(sd: dict[str, torch.Tensor]) -> AutoencoderKL:
-    """The VAE for an official-layout (prefix-stripped) state dict: built on meta, weights assigned."""
-    cfg = config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    # float16 weights (e.g. the diffusers `.fp16` variant) are upcast: see "Precision" above
-    sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return load_strict(model, sd, "VAE")

@@ -106,10 +106,10 @@ MISTAKES = {
     "no_concept_word_in_prompt": (["--code", 1, "--prompt", "a lighthouse"], "name one per code with --concept WORD"),
 }
 NOT_SDXL = ["sd1", "truncated", "folder_without_vae"]  # tests/test_sdxl.py FOREIGN cases, run through sample.py
-# Runs sample.py as `python sample.py` would, with model/sdxl.py's weights/ folder pointed elsewhere
+# Runs sample.py as `python sample.py` would, with model/checkpoint.py's weights/ folder pointed elsewhere
 # (a developer's checkout may hold the real weights).
 SAMPLE_WITH_WEIGHTS_DIR = (
-    "import runpy, sys; import model.sdxl as sdxl; sdxl.WEIGHTS_DIR = sys.argv[1]; "
+    "import runpy, sys; import model.checkpoint as c; c.WEIGHTS_DIR = sys.argv[1]; "
     "sys.argv = ['sample.py'] + sys.argv[2:]; runpy.run_path('sample.py', run_name='__main__')"
 )
 

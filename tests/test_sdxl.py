@@ -1,4 +1,4 @@
-"""model/sdxl.py: loading every layout people have on disk, finding the weights, naming what is wrong.
+"""model/checkpoint.py through SDXL.load: every layout people have on disk, finding weights, naming what is wrong.
 
 One tiny SDXL (tests/tiny_sdxl.py, random weights) is saved once as a diffusers folder and as an
 official-layout single file; each test derives the variant it needs from those files (fp16
@@ -17,10 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import checkpoint, sdxl
-from model import vae as vae_module
-from model.checkpoint import CheckpointError
-from model.sdxl import PREFIX, SDXL, Part, read_part
+from model import checkpoint
+from model.checkpoint import PREFIX, CheckpointError, Part, read_part
+from model.sdxl import SDXL
 from tests.tiny_sdxl import _randomize, save_tiny_sdxl
 
 MODELS = ("unet", "vae", "clip_l", "clip_g")
@@ -190,7 +189,7 @@ def other_vae(tiny, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("other_vae"))
     v.save_pretrained(folder, safe_serialization=True)
     file = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    return folder, file, vae_module.build(vae_module.from_diffusers(load_file(file)))
+    return folder, file, checkpoint.build("vae", checkpoint.from_diffusers("vae", load_file(file)))
 
 
 @pytest.mark.parametrize("layout", ["diffusers_folder", "diffusers_file", "official_with_prefix", "official_without_prefix"])
@@ -367,7 +366,7 @@ def test_a_checkpoint_that_is_not_sdxl_base_ends_in_one_sentence_saying_what_it_
 def fake_hub_cache(cache: str, revision: str, files: dict[str, str], main=True) -> str:
     """A huggingface_hub cache entry for SDXL base: the bytes in blobs/, the snapshot made of
     relative symlinks into blobs/, refs/main naming the revision. `files`: snapshot path -> source."""
-    repo = os.path.join(cache, sdxl.HUB_REPO_FOLDER)
+    repo = os.path.join(cache, checkpoint.HUB_REPO_FOLDER)
     snapshot = os.path.join(repo, "snapshots", revision)
     for rel, source in files.items():
         blob = os.path.join(repo, "blobs", f"{revision}-{rel.replace('/', '-')}")
@@ -396,7 +395,7 @@ def clean_env(tmp_path, monkeypatch):
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sdxl, "WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", str(tmp_path / "weights"))
     os.makedirs(tmp_path / "weights")
     return tmp_path
 
@@ -404,13 +403,13 @@ def clean_env(tmp_path, monkeypatch):
 def test_weights_folder_comes_first_then_a_cached_single_file_that_loads_through_its_symlinks(tiny, clean_env):
     _, _, single, ref = tiny
     cache = clean_env / "home" / ".cache" / "huggingface" / "hub"
-    snapshot = fake_hub_cache(str(cache), "a" * 40, {sdxl.OFFICIAL_FILENAME: single})
-    found = sdxl.find_default_weights()
-    assert found == os.path.join(snapshot, sdxl.OFFICIAL_FILENAME) and os.path.islink(found)
+    snapshot = fake_hub_cache(str(cache), "a" * 40, {checkpoint.OFFICIAL_FILENAME: single})
+    found = checkpoint.find_default_weights()
+    assert found == os.path.join(snapshot, checkpoint.OFFICIAL_FILENAME) and os.path.islink(found)
     assert_same_weights(weights_of(SDXL.load(found)), weights_of(ref))
-    local = clean_env / "weights" / sdxl.OFFICIAL_FILENAME
+    local = clean_env / "weights" / checkpoint.OFFICIAL_FILENAME
     local.write_bytes(b"")
-    assert sdxl.find_default_weights() == str(local)
+    assert checkpoint.find_default_weights() == str(local)
 
 
 def test_a_cached_diffusers_snapshot_is_found_and_loads(tiny, clean_env):
@@ -420,7 +419,7 @@ def test_a_cached_diffusers_snapshot_is_found_and_loads(tiny, clean_env):
                                        for m, stem in COMPONENT_FILES.items()})
     cache = clean_env / "home" / ".cache" / "huggingface" / "hub"
     snapshot = fake_hub_cache(str(cache), "b" * 40, {rel: str(fp16 / rel) for rel in DIFFUSERS_SNAPSHOT})
-    assert sdxl.find_default_weights() == snapshot
+    assert checkpoint.find_default_weights() == snapshot
     assert_same_weights(weights_of(SDXL.load(snapshot)), rounded_to_fp16(weights_of(ref)))
 
 
@@ -444,7 +443,7 @@ def test_hugging_face_cache_location_follows_huggingface_hub(clean_env, monkeypa
     # A complete snapshot in every candidate cache, each with its own revision.
     snapshots = {rel: fake_hub_cache(str(clean_env / rel), f"{k:040d}", {rel_file: "" for rel_file in DIFFUSERS_SNAPSHOT})
                  for k, rel in enumerate(ALL_CACHES)}
-    assert sdxl.find_default_weights() == snapshots[expected]
+    assert checkpoint.find_default_weights() == snapshots[expected]
 
 
 def test_cache_prefers_the_snapshot_refs_main_names_and_skips_incomplete_ones(clean_env):
@@ -452,13 +451,13 @@ def test_cache_prefers_the_snapshot_refs_main_names_and_skips_incomplete_ones(cl
     fake_hub_cache(cache, "0" * 40, {DIFFUSERS_SNAPSHOT[0]: ""}, main=False)  # a unet-only download
     fake_hub_cache(cache, "1" * 40, {rel: "" for rel in DIFFUSERS_SNAPSHOT}, main=False)
     latest = fake_hub_cache(cache, "2" * 40, {rel: "" for rel in DIFFUSERS_SNAPSHOT})
-    assert sdxl.find_default_weights() == latest
-    os.remove(os.path.join(cache, sdxl.HUB_REPO_FOLDER, "refs", "main"))
-    assert sdxl.find_default_weights().endswith("1" * 40)
+    assert checkpoint.find_default_weights() == latest
+    os.remove(os.path.join(cache, checkpoint.HUB_REPO_FOLDER, "refs", "main"))
+    assert checkpoint.find_default_weights().endswith("1" * 40)
 
 
 def test_nothing_found_gives_none(clean_env):
-    assert sdxl.find_default_weights() is None
+    assert checkpoint.find_default_weights() is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
 import bench
-from model import unet
+from model import checkpoint, unet
 from model.checkpoint import UserError
-from model.sdxl import PREFIX, CUDAGraphed, Offload, check_cuda_graphs
+from model.checkpoint import PREFIX
+from model.sdxl import CUDAGraphed, Offload, check_cuda_graphs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = bench.tiny_size()
@@ -164,12 +165,10 @@ def test_bench_sizes_describe_the_same_models_in_our_layout_and_diffusers(size):
     --vs-diffusers: both must be the same architecture."""
     with torch.device("meta"):
         theirs = _diffusers_on_meta(size)
-    readers = {"clip_l": bench.clip.clip_l_config_from_state_dict, "clip_g": bench.clip.bigg_config_from_state_dict,
-               "unet": unet.config_from_state_dict, "vae": bench.vae.config_from_state_dict}
     ours = {"clip_l": size.clip_l, "clip_g": size.clip_g, "unet": size.unet, "vae": size.vae}
     for name, module in theirs.items():
         shapes = {k: tuple(v.shape) for k, v in bench.FROM_DIFFUSERS[name](module.state_dict()).items()}
-        assert readers[name](shapes) == ours[name], name
+        assert checkpoint.config_from_shapes(name, shapes) == ours[name], name
 
 
 def _diffusers_on_meta(size):
