@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import checkpoint, clip, unet, vae
+from model import checkpoint, clip, speed, unet, vae
 from model.checkpoint import PREFIX
 from model.sdxl import SDXL
 
@@ -123,8 +123,13 @@ def tiny_size() -> Size:
 # Random weights at those shapes, ours alone or drawn in diffusers' modules and shared
 # ---------------------------------------------------------------------------------------------
 
-# Our builders from official-name tensors, per model (they assign the tensors: no copy).
-BUILD = {name: functools.partial(checkpoint.build, name) for name in checkpoint.MODULES}
+def build(name: str, sd: dict) -> torch.nn.Module:
+    """Our model `name` from official-name tensors (assigned: no copy), with the memory-saving
+    modules sample.py and train.py use."""
+    return speed.save_memory(checkpoint.build(name, sd))[0]
+
+
+BUILD = {name: functools.partial(build, name) for name in checkpoint.MODULES}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -153,6 +158,7 @@ def build_ours(size: Size, device, dtype, seed=0) -> dict[str, torch.nn.Module]:
                   "unet": unet.UNet(size.unet), "vae": vae.AutoencoderKL(size.vae)}
     for i, m in enumerate(models.values()):
         randomize_(m.to(dtype).to_empty(device=device), seed + i).eval().requires_grad_(False)
+    speed.save_memory(*models.values())
     return models
 
 
@@ -499,7 +505,7 @@ class Bench:
             self.report.skip("--cuda-graphs", "needs a CUDA GPU")
             return
         sdxl = make_sdxl(self.ours, d, self.dtype)
-        sdxl.enable_cuda_graphs()
+        speed.enable_cuda_graphs(sdxl)
         graphed = sdxl.graphed_unet
         with torch.no_grad():
             reserved = torch.cuda.memory_reserved(d)
@@ -629,7 +635,7 @@ class Bench:
         d = self.device
         host = {name: BUILD[name]({k: v.to("cpu") for k, v in m.state_dict().items()}) for name, m in self.ours.items()}
         sdxl = make_sdxl(host, "cpu", self.dtype)
-        sdxl.enable_offload(d)
+        speed.enable_offload(sdxl, d)
         with peak_memory(d, 0) as mem:
             image = self.generate(sdxl)  # also the warm-up
             s = time_ms(lambda: self.generate(sdxl), d, 0, 1) / 1e3
@@ -674,7 +680,7 @@ class Bench:
         # and replayed as a CUDA graph (--compile MODE --cuda-graphs)
         if d.type != "cuda":
             return
-        sdxl.enable_cuda_graphs()
+        speed.enable_cuda_graphs(sdxl)
         t0 = time.perf_counter()
         image = self.generate(sdxl)  # records the graph
         sync(d)
@@ -701,7 +707,7 @@ class Bench:
                 if isinstance(m, unet.BasicTransformerBlock):
                     m.compile(dynamic=False, fullgraph=True)
         else:
-            sdxl.compile(mode)
+            speed.compile(sdxl, mode)
         image = self.generate(sdxl)
         sync(d)
         return sdxl, image, time.perf_counter() - t0
@@ -709,7 +715,7 @@ class Bench:
     def training_compiled(self):
         res = self.size.train[0]
         cold_start(os.path.join(self.tmp, "inductor_cache_training"))
-        ours = unet.compile_unet(BUILD["unet"](self.ours["unet"].state_dict()), "regional")
+        ours = speed.compile_unet(BUILD["unet"](self.ours["unet"].state_dict()), "regional")
         sync(self.device)
         t0 = time.perf_counter()
         self.train_step_time(ours, res, call=lambda *a: ours(*a), warmup=(0, 1))

@@ -45,8 +45,8 @@ import torch
 
 from bench import (BUILD, FROM_DIFFUSERS, PROMPT, build_diffusers, call_diffusers_unet, make_pipeline, make_sdxl,
                    official_size, ours_from_diffusers, rel_err, tiny_size, unet_inputs)
-from model import attention, clip, ddim, unet
-from model.sdxl import CUDAGraphed
+from model import attention, clip, ddim, speed
+from model.speed import CUDAGraphed
 
 FP32_LIMIT = 1e-3
 BF16_FLOOR = 0.01  # the bfloat16 limit is max(2 × diffusers' own bfloat16 error, this)
@@ -289,7 +289,7 @@ class GPUCheck:
         if left < (0 if self.args.tiny else 40):
             self.checks.skip("UNet --compile regional", f"{left:.0f} s left of --budget-s {self.args.budget_s:.0f}")
             return
-        compiled = unet.compile_unet(BUILD["unet"](ours16.state_dict()), "regional")
+        compiled = speed.compile_unet(BUILD["unet"](ours16.state_dict()), "regional")
         t0 = time.perf_counter()
         with torch.no_grad():
             out = compiled(*bf16_inputs)

@@ -51,12 +51,11 @@ from tqdm import tqdm
 
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
-from model import attention, clip, ddim
+from model import attention, clip, ddim, speed
 from model.checkpoint import UserError
 from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
 from model.checkpoint import MISSING_WEIGHTS, find_default_weights
 from model.sdxl import SDXL
-from model.unet import COMPILE_MODES
 from model.vae import SCALING_FACTOR
 from sample import pick_device, pick_dtype
 
@@ -129,7 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: each process's own GPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="dtype of the frozen SDXL (auto = bfloat16 on CUDA, float32 elsewhere); f and the losses stay float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's blocks in backward instead of storing them: far less memory, slower steps")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile the UNet: alone or `regional`, its repeated blocks (seconds to compile); `full`, "
                         "the whole UNet (minutes to compile, fastest after); the grad and no-grad passes compile once each")
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
@@ -437,10 +436,11 @@ def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
     for module in (model.unet, model.vae, model.clip_l, model.clip_g):
         module.requires_grad_(False)  # frozen: gradients pass through SDXL, never into it
     model.unet.gradient_checkpointing = args.grad_checkpointing
+    speed.save_memory(model.unet, model.vae)
     if args.compile:
-        # Static shapes (model/unet.py compile_unet): the 3B pass with gradients, the 2B pass
+        # Static shapes (model/speed.py compile_unet): the 3B pass with gradients, the 2B pass
         # without and the sampling batch each compile once, with the fastest kernels for their shape.
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     return model
 
 

@@ -22,127 +22,13 @@ and dtype, and anything that is not SDXL base ends in one sentence saying what i
 Read next: model/mapper.py (the CoCoIns part), then sample.py.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from model import checkpoint, clip, ddim, unet, vae
+from model import checkpoint, clip, ddim, vae
 from model.errors import UserError
-
-# ----------------------------------------------------------------------------------------------
-# Offloading (--offload): the models wait in host memory and visit the GPU one at a time
-# ----------------------------------------------------------------------------------------------
-
-class Offload:
-    """Keeps models in host memory and lends each to `device` only while it runs.
-
-    SDXL's four models hold 6.9 GB in bfloat16, but an image needs them one after another
-    (text encoders, then the UNet at every step, then the VAE), so a GPU that holds the UNet
-    and its activations is enough. Lending copies a model's tensors to the device (always a
-    copy, on a CPU too: the host tensors are never the ones computed with); giving it back
-    points the parameters at their host copies again. The models are frozen, so nothing is
-    ever copied back. On CUDA the host copies are pinned (page-locked): the copies then run at
-    full PCIe speed, with no staging buffer."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.lent = {}  # model -> number of open `lend` blocks holding it (tests read this)
-
-    @staticmethod
-    def _tensors(model):
-        return [*model.parameters(), *model.buffers()]
-
-    def store(self, model):
-        """Move `model` to host memory, where it waits between lends."""
-        pin = self.device.type == "cuda"
-        for t in self._tensors(model):
-            t.data = t.data.cpu().pin_memory() if pin else t.data.cpu()
-
-    @contextmanager
-    def lend(self, *models):
-        """Run the block with `models` on the device; a model lent by an outer block moves once."""
-        arriving = [m for m in dict.fromkeys(models) if m not in self.lent]
-        host = {m: [t.data for t in self._tensors(m)] for m in arriving}
-        for m in models:
-            self.lent[m] = self.lent.get(m, 0) + 1
-        try:
-            for m in arriving:
-                for t in self._tensors(m):
-                    t.data = t.data.to(self.device, non_blocking=True, copy=True)
-            yield
-        finally:
-            for m in models:
-                self.lent[m] -= 1
-            for m in arriving:
-                for t, on_host in zip(self._tensors(m), host[m]):
-                    t.data = on_host
-                del self.lent[m]
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA graphs (--cuda-graphs): a UNet step replayed from one recording
-# ----------------------------------------------------------------------------------------------
-
-def check_cuda_graphs(device, offload: bool) -> None:
-    """--cuda-graphs' requirements, as one sentence each."""
-    if torch.device(device).type != "cuda":
-        raise UserError(f"--cuda-graphs needs a CUDA GPU, and this run is on {torch.device(device).type}; drop the flag")
-    if offload:
-        raise UserError("--cuda-graphs and --offload cannot be combined: a CUDA graph keeps the addresses of the "
-                        "weights it recorded, and offloading moves them; choose one")
-
-
-class CUDAGraphed:
-    """Calls `module` by replaying a CUDA graph of one call instead of launching its kernels.
-
-    A UNet step launches a few thousand kernels, each costing the CPU microseconds of Python and
-    driver work; when that adds up to more than the GPU's work, the GPU waits. A CUDA graph
-    records the launches of one call and replays them all with one. The recording fixes every
-    address, so inputs are copied into the recorded input buffers before each replay and the
-    output is copied out of the recorded one after it (the next replay overwrites it). Each
-    input shape (image size, batch) is recorded once, on its first call.
-
-    For inference only (calls with autograd on go straight to the module), with the weights
-    staying where they are (not with Offload, which moves them)."""
-
-    def __init__(self, module):
-        self.module = module
-        self.graphs = {}  # input shapes and dtypes -> (graph, input buffers, output buffer)
-
-    def __call__(self, *inputs):
-        if torch.is_grad_enabled():
-            return self.module(*inputs)
-        key = tuple((x.shape, x.dtype) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
-        graph, buffers, output = self.graphs[key]
-        # (on the inputs' GPU, which need not be the current one: --device cuda:1)
-        with torch.cuda.device(inputs[0].device):
-            for buffer, x in zip(buffers, inputs):
-                buffer.copy_(x)
-            graph.replay()
-            return output.clone()
-
-    def _record(self, inputs):
-        with torch.cuda.device(inputs[0].device):  # streams and the recording on the inputs' GPU
-            return self._record_here(inputs)
-
-    def _record_here(self, inputs):
-        buffers = [x.clone(memory_format=torch.contiguous_format) for x in inputs]
-        # Warm-up on a side stream (PyTorch's recipe): lazy initialisation (cuBLAS handles,
-        # torch.compile's compilation, the allocator's first blocks) must not be recorded.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.module(*buffers)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.module(*buffers)
-        return graph, buffers, output
-
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -156,8 +42,9 @@ class SDXL:
         self.clip_l, self.clip_g = clip_l, clip_g
         self.unet, self.vae = unet, vae
         self.device, self.dtype = torch.device(device), dtype
-        self.offload = None  # an Offload once enable_offload() is called (--offload)
-        self.graphed_unet = None  # a CUDAGraphed UNet once enable_cuda_graphs() is called (--cuda-graphs)
+        # Set by model/speed.py when asked: an Offload (--offload), a CUDAGraphed UNet (--cuda-graphs).
+        self.offload = None
+        self.graphed_unet = None
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -208,29 +95,6 @@ class SDXL:
         # so sizes like 1023 or 2056 would round (to 1024, 2048) and condition on another size.
         ids = torch.tensor([orig_h, orig_w, crop[0], crop[1], height, width], dtype=torch.float32, device=device)
         return ids.expand(batch, 6)
-
-    # -- speed: --compile, --offload -------------------------------------------------------------
-
-    def compile(self, mode: str = "regional"):
-        """--compile: torch.compile the UNet (see unet.compile_unet); `full` also compiles the
-        VAE decoder (one graph; 64 -> 36 ms per 1024 px decode on one H200, 31 s to compile)."""
-        unet.compile_unet(self.unet, mode)
-        if mode == "full":
-            self.vae.decoder.compile(dynamic=False, fullgraph=True)
-
-    def enable_cuda_graphs(self):
-        """--cuda-graphs: generate() replays a CUDA graph of the UNet step (see CUDAGraphed)."""
-        check_cuda_graphs(self.device, offload=self.offload is not None)
-        self.graphed_unet = CUDAGraphed(self.unet)
-
-    def enable_offload(self, device):
-        """--offload: keep the models in host memory and lend each to `device` only while it runs."""
-        if self.graphed_unet:
-            check_cuda_graphs(device, offload=True)
-        self.device = torch.device(device)
-        self.offload = Offload(self.device)
-        for model in (self.clip_l, self.clip_g, self.unet, self.vae):
-            self.offload.store(model)
 
     def on_device(self, *models):
         """A block in which `models` are on self.device (they always are, unless offloading)."""

@@ -75,43 +75,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-# A bfloat16 activation's float32 copy takes at most this many elements at a time (256 MiB):
-# the VAE's full-resolution GroupNorms see 256 x 1024 x 1024 values, 1 GiB in float32.
-GROUP_NORM_CHUNK = 2**26
-
-
-def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(variance, mean) of each (sample, group), shaped (B, G, 1), in float32 (float64 for float64 x)."""
-    B, acc = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-    xg = x.reshape(B * groups, -1)  # one row per (sample, group)
-    # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
-    # bfloat16 values lose the digits that matter. They come from float32 copies of a few
-    # groups at a time, so a 1024 px VAE activation is never copied whole.
-    # Not F.group_norm: its statistics kernel runs one thread block per (sample, group), 32
-    # blocks for one image on a 132-SM GPU; var_mean spreads a group over the whole GPU
-    # (bf16 1024 px VAE decode on one H200: 104 ms with F.group_norm, 64 ms with this).
-    rows = len(xg) if x.dtype == acc else max(1, GROUP_NORM_CHUNK // xg.shape[1])
-    stats = [torch.var_mean(xg[i : i + rows].to(acc), dim=-1, correction=0, keepdim=True)
-             for i in range(0, len(xg), rows)]
-    var, mean = stats[0] if len(stats) == 1 else (torch.cat([v for v, _ in stats]), torch.cat([m for _, m in stats]))
-    return var.view(B, groups, 1), mean.view(B, groups, 1)
-
-
-def normalize(x, var, mean, weight, bias, eps, rounded_on_write: bool):
-    """y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
-    in float32 (a bfloat16 x is promoted), rounded once to x's dtype."""
-    B, C, G = x.shape[0], x.shape[1], var.shape[1]
-    a = weight.to(var.dtype).view(1, G, C // G) * torch.rsqrt(var + eps)  # (B, G, C/G)
-    b = bias.to(var.dtype).view(1, G, C // G) - mean * a
-    shape = (B, C) + (1,) * (x.ndim - 2)
-    a, b = a.reshape(shape), b.reshape(shape)
-    if x.dtype == var.dtype or not rounded_on_write:
-        return torch.addcmul(b, x, a).to(x.dtype)
-    # the float32 result is rounded as it is written (on a GPU, inside the kernel), never held
-    # whole in float32
-    return torch.addcmul(b, x, a, out=torch.empty_like(x))
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the model's dtype (the UNet's and the VAE's):
 
@@ -120,38 +83,9 @@ class GroupNorm32(nn.GroupNorm):
     with μ_g, σ²_g the mean and variance over the channels and pixels of channel c's group g."""
 
     def forward(self, x):
-        if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and chooses what to keep
-            return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, False)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
-            # training: the backward pass keeps x in its own dtype, not a float32 copy
-            return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-        return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, True)
-
-
-class _GroupNormFunction(torch.autograd.Function):
-    """GroupNorm32 with autograd: saves x as it is (bfloat16) and the statistics, where autograd
-    through var_mean would save the float32 copy, twice the bytes: 2.4 GiB of a 1024 px CoCoIns
-    training step. The backward is PyTorch's own group-norm gradient, run in float32."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        var, mean = group_norm_stats(x, groups)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        ctx.groups = groups
-        return normalize(x, var, mean, weight, bias, eps, rounded_on_write=True)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # (PyTorch's group-norm gradient has no gradient itself)
-    def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        B, C, acc = x.shape[0], x.shape[1], mean.dtype
-        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-            grad.to(acc).contiguous(), x.to(acc).contiguous(), mean.reshape(B, -1), rstd.reshape(B, -1),
-            weight.to(acc), B, C, x[0, 0].numel(), ctx.groups,  # N, C, H·W, groups
-            [True, *ctx.needs_input_grad[1:3]])  # which of dx, dweight, dbias to compute
-        return (dx.to(x.dtype),
-                None if dweight is None else dweight.to(weight.dtype),
-                None if dbias is None else dbias.to(weight.dtype), None, None)
+        # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
+        # bfloat16 values lose the digits that matter.
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -206,30 +140,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        h = self.proj(x)
-        if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
-            return _GEGLUFunction.apply(h)
-        a, gate = h.chunk(2, dim=-1)
+        a, gate = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
-
-
-class _GEGLUFunction(torch.autograd.Function):
-    """a ⊙ GELU(g) with autograd, keeping only [a, g] (which the backward needs anyway) and
-    recomputing GELU(g) in the backward: plain autograd would also keep GELU(g), the MLP's
-    widest tensor (2.3 GiB of a 1024 px CoCoIns training step)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        a, gate = h.chunk(2, dim=-1)
-        return a * F.gelu(gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        a, gate = h.chunk(2, dim=-1)
-        # d/da = GELU(g);  d/dg = a · GELU'(g)  (PyTorch's own GELU derivative)
-        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * a, gate)], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -421,40 +333,3 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
 
         return self.out(h)
-
-
-# ---------------------------------------------------------------------------------------------
-# Speed: torch.compile
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_MODES = ("regional", "full")
-
-
-def compile_unet(unet: UNet, mode: str = "regional") -> UNet:
-    """torch.compile the UNet in place (same object, same parameter names) and return it.
-
-    regional  every BasicTransformerBlock and every ResBlock is compiled on its own. The 70
-              transformer blocks of SDXL share two compiled graphs (one per width), the 22
-              ResBlocks twelve (one per input/output width and resolution): small graphs,
-              compiled in seconds, so the first image comes quickly. The rest of the UNet
-              (embeddings, norms around the transformers, up/downsampling) stays eager.
-    full      the whole forward pass as one graph: the most fusion, the longest compilation.
-
-    Shapes are static: each image size and batch compiles once, and a new size compiles anew
-    instead of switching to slower shape-generic kernels. The timestep reaches the UNet as a
-    tensor, so the steps of a sampling loop never recompile (tests/test_speed.py fails on it)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-    # PITFALL: dynamo keeps at most `recompile_limit` (8) compiled versions of one function;
-    # past that, with fullgraph=True, it raises. Regional compilation of SDXL needs twelve
-    # versions of ResBlock.forward per image size and batch, so the limit is raised.
-    # (`cache_size_limit` before PyTorch 2.7)
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    if mode == "full":
-        unet.compile(dynamic=False, fullgraph=True)
-        return unet
-    for module in unet.modules():
-        if isinstance(module, (BasicTransformerBlock, ResBlock)):
-            module.compile(dynamic=False, fullgraph=True)
-    return unet

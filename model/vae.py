@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from model.attention import attention
 from model.errors import UserError
-from model.unet import GroupNorm32  # float32 statistics, bounded memory
+from model.unet import GroupNorm32  # float32 statistics
 
 # SDXL's latent scale: z · 0.13025 has roughly unit variance, which the UNet was trained on
 # (sgm `scale_factor`, diffusers `scaling_factor`; SD 1.x used 0.18215).
@@ -84,16 +84,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x):
-        # swish(x) = x·sigmoid(x) = silu. Without autograd (decoding, encoding for the latent
-        # cache) silu and the skip addition run in place on fresh outputs, and each intermediate
-        # is dropped as soon as it is used: a 1024 px activation is 0.25–0.5 GiB, and these keep
-        # the decode's peak at about 1.2 GiB above the weights instead of 2.5.
-        inplace = not torch.is_grad_enabled()
-        h = F.silu(self.norm2(self.conv1(F.silu(self.norm1(x), inplace=inplace))), inplace=inplace)
-        h = self.conv2(h)
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return h.add_(x) if inplace else x + h
+        # swish(x) = x·sigmoid(x) = silu
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
 class Downsample(nn.Module):
@@ -179,13 +173,12 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            # block by block (not `h = level(h)`, which keeps each level's input alive to its end)
             for block in level.block:
                 h = block(h)
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 @dataclass
@@ -259,13 +252,11 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            # block by block here rather than `h = level(h)`, which would keep the level's input
-            # alive (in this frame's h) until the whole level had run
             for block in level.block:
                 h = block(h)
             if level.upsample is not None:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ----------------------------------------------------------------------------------------------
