@@ -132,7 +132,7 @@ class SDXL:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, 4, height // 8, width // 8)
-        x_T = ddim.initial_noise(generator, shape, self.device, torch.float32)
+        x_T = ddim.randn(shape, generator, self.device, torch.float32)
         with self.on_device(self.unet):
             x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generator, progress=progress)
         with self.on_device(self.vae):

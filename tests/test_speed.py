@@ -3,7 +3,7 @@
 
 Compilation runs inductor on the CPU (gcc builds the kernels) on bench.py's tiny SDXL, whose
 one-level UNet has three distinct compiled graphs, so this file stays near a minute even with
-an empty compile cache. Speed itself is measured by bench.py on a GPU, never by a timed test.
+an empty compile cache. Speed itself is measured by bench/bench.py on a GPU, never by a timed test.
 """
 
 import os
@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-import bench
 import model.attention as A
+from bench import bench
 from model import checkpoint, speed, unet, vae
 from model.checkpoint import PREFIX
 from model.errors import UserError
@@ -71,7 +71,7 @@ def test_regional_compile_gives_the_eager_eps_and_compiles_each_distinct_block_o
 
 def test_the_whole_unet_traces_as_one_graph_as_compile_full_needs(models):
     # (dynamo's tracing only: inductor on the whole UNet takes half a minute on two cores;
-    # `python bench.py --tiny` compiles it and compares it with eager)
+    # `python -m bench.bench --tiny` compiles it and compares it with eager)
     inputs = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32, seed=1)
     with torch.no_grad():
         explanation = torch._dynamo.explain(models["unet"])(*inputs)

@@ -1,14 +1,14 @@
 """Speed and memory of our SDXL, beside diffusers on the same card, in one run.
 
-    python bench.py                                   # ours alone
-    python bench.py --vs-diffusers --json bench.json  # + diffusers with the same weights, and the ratios
-    python bench.py --tiny --vs-diffusers             # every section at a tiny size: checks this script on a CPU
-    bash gpu_run.sh                                   # gpu_check.py, then this, as BENCHMARKS.md reports it
+    python -m bench.bench                                   # ours alone (from the repository root)
+    python -m bench.bench --vs-diffusers --json bench.json  # + diffusers with the same weights, and the ratios
+    python -m bench.bench --tiny --vs-diffusers             # every section at a tiny size: checks this script on a CPU
+    bash bench/gpu_run.sh                                   # gpu_check.py, then this, as BENCHMARKS.md reports it
 
 No weights are downloaded. Every model is built at the official SDXL shapes (diffusers' official
 configs are in tests/data/sdxl_keys.json) with random weights of a realistic scale; speed does
 not depend on their values. With --vs-diffusers the weights are drawn once, in diffusers' and
-transformers' modules, and ours are the same tensors renamed by each model file's
+transformers' modules, and ours are the same tensors renamed by model/checkpoint.py's
 `from_diffusers`, so both sides compute the same function on the same card in the same run.
 
 What is measured, in this order (BENCHMARKS.md says how to read each number):
@@ -32,7 +32,7 @@ Sections run in that order of priority; one that fails prints `skipped: <why>` a
 on; past --budget-s the remaining ones are skipped. The table is printed as rows come in, again
 at the end, and the JSON is rewritten after every section, so a run that is killed keeps its rows.
 
-Read next: BENCHMARKS.md (targets and results), gpu_check.py (numerical parity on the GPU).
+Read next: bench/BENCHMARKS.md (targets and results), bench/gpu_check.py (numerical parity on the GPU).
 """
 
 import argparse
@@ -56,7 +56,7 @@ from model import checkpoint, clip, speed, unet, vae
 from model.checkpoint import PREFIX
 from model.sdxl import SDXL
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 KEYS = os.path.join(ROOT, "tests", "data", "sdxl_keys.json")
 PROMPT = "a photo of a woman reading a book in a sunlit cafe"
 GUIDANCE = 5.0
@@ -732,7 +732,7 @@ class Bench:
 
     def diffusers_compiled(self, mode: str):
         """diffusers' own recipes with torch.compile's defaults: regional = compile_repeated_blocks
-        (its BasicTransformerBlocks); full = the whole UNet and the VAE decoder (as the issue's
+        (its BasicTransformerBlocks); full = the whole UNet and the VAE decoder (as DESIGN.md's
         1.21 s figure was measured)."""
         d = self.device
         cold_start(os.path.join(self.tmp, f"inductor_cache_diffusers_{mode}"))
