@@ -105,12 +105,6 @@ def _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps):
     return d_pos.mean(), (1.0 / (d_neg + eps)).mean(), d_neg.mean()
 
 
-def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg: float, dist: str = "l2", eps: float = 1e-4) -> Tensor:
-    """L_con = d_m(x̂*, x̂+) + λ_neg / (d_m(x̂*, x̂-) + ε)   (eq. 7), averaged over the batch."""
-    l_pos, l_neg, _ = _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps)
-    return l_pos + lambda_neg * l_neg
-
-
 # -- the background term L_back ------------------------------------------------------------------
 
 

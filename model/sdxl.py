@@ -85,15 +85,14 @@ class SDXL:
         return self.encode_prompt([negative_prompt] * batch)
 
     @staticmethod
-    def time_ids(height, width, batch, device, original=None, crop=(0, 0)):
-        """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), float32.
+    def time_ids(height, width, batch, device):
+        """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), float32.
 
         At sampling time the 'original size' is the target size and the crop is (0, 0): the
         image the model was told is an uncropped photo of exactly that size."""
-        orig_h, orig_w = original or (height, width)
         # PITFALL: always float32, whatever the model's dtype: bfloat16 keeps 8 significant bits,
         # so sizes like 1023 or 2056 would round (to 1024, 2048) and condition on another size.
-        ids = torch.tensor([orig_h, orig_w, crop[0], crop[1], height, width], dtype=torch.float32, device=device)
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
         return ids.expand(batch, 6)
 
     def on_device(self, *models):

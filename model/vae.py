@@ -194,13 +194,6 @@ class DiagonalGaussian:
         # the reference clamps log σ² to [-30, 20] so exp() stays finite
         return cls(mean, logvar.clamp(-30.0, 20.0))
 
-    def sample(self, generator: torch.Generator | None = None):
-        # z = μ + σ·ε,  σ = exp(½·logvar).  ε is drawn on the generator's device and then moved,
-        # as diffusers draws it, so a CPU generator gives the same z as diffusers on any device.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device)
-
     def mode(self):
         return self.mean
 

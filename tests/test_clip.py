@@ -88,7 +88,7 @@ def _official_clip_l(diffusers_sd):
     return {"text_model.embeddings.position_ids": torch.arange(77)[None], **diffusers_sd}
 
 
-def _official_bigg(diffusers_sd):
+def _official_clip_g(diffusers_sd):
     """OpenCLIP's names for a transformers CLIPTextModelWithProjection (the test's own table)."""
     d = diffusers_sd
     out = {
@@ -135,7 +135,7 @@ def checkpoint_files(hf_models, tmp_path_factory):
     diffusers_l = {f"text_model.{k}": v.contiguous() for k, v in hf_l.state_dict().items()}
     diffusers_g = {k: v.contiguous() for k, v in hf_g.state_dict().items()}
     single = {PREFIX_L + k: v for k, v in _official_clip_l(diffusers_l).items()}
-    single |= {PREFIX_G + k: v for k, v in _official_bigg(diffusers_g).items()}
+    single |= {PREFIX_G + k: v for k, v in _official_clip_g(diffusers_g).items()}
     files = {
         "single": str(root / "sd_xl_tiny.safetensors"),
         "text_encoder": str(root / "text_encoder" / "model.safetensors"),
@@ -178,9 +178,9 @@ def test_tiny_files_use_the_official_and_diffusers_names(checkpoint_files):
 
 
 def test_architecture_is_read_from_the_checkpoint(encoders):
-    for clip_l, bigg in encoders.values():
+    for clip_l, clip_g in encoders.values():
         assert clip_l.config == CLIPTextConfig(width=WIDTH, layers=LAYERS, heads=2, mlp_width=MLP)
-        assert bigg.config == OpenCLIPTextConfig(width=WIDTH, layers=LAYERS, heads=2, mlp_width=MLP, projection_dim=PROJ)
+        assert clip_g.config == OpenCLIPTextConfig(width=WIDTH, layers=LAYERS, heads=2, mlp_width=MLP, projection_dim=PROJ)
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
@@ -194,7 +194,7 @@ def test_clip_l_penultimate_state_matches_transformers(encoders, hf_models, layo
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
-def test_bigg_penultimate_state_and_pooled_output_match_transformers(encoders, hf_models, layout):
+def test_clip_g_penultimate_state_and_pooled_output_match_transformers(encoders, hf_models, layout):
     ids = Tokenizer.bundled("!")(PROMPTS)
     with torch.no_grad():
         want = hf_models[1](input_ids=ids, output_hidden_states=True)
@@ -209,20 +209,20 @@ def test_pooled_output_reads_the_given_eos_after_insertion(encoders, hf_models):
     # shift the rest right, and read the pooled feature at the shifted EOS. With a vocabulary
     # embedding as the pseudo-word, that is the same as inserting its id, which transformers
     # can check.
-    bigg = encoders["official"][1]
+    clip_g = encoders["official"][1]
     ids = Tokenizer.bundled("!")(["a photo of a woman reading"])
     i, w_id = 4, 1234
     eos = eos_positions(ids)
-    e = bigg.embed(ids)
-    w = bigg.embed(torch.tensor([[w_id]]))  # (1, 1, D)
+    e = clip_g.embed(ids)
+    w = clip_g.embed(torch.tensor([[w_id]]))  # (1, 1, D)
     e_hat = torch.cat([e[:, :i], w, e[:, i:-1]], dim=1)
     ids_hat = torch.cat([ids[:, :i], torch.tensor([[w_id]]), ids[:, i:-1]], dim=1)
     assert eos_positions(ids_hat) == eos + 1
     with torch.no_grad():
-        got = bigg(e_hat, eos + 1)
-        stale = bigg(e_hat, eos)
+        got = clip_g(e_hat, eos + 1)
+        stale = clip_g(e_hat, eos)
         want = hf_models[1](input_ids=ids_hat).text_embeds
-        before = encode(bigg, ids)
+        before = encode(clip_g, ids)
     torch.testing.assert_close(got.pooled, want, atol=1e-5, rtol=0)
     assert not torch.allclose(stale.pooled, want, atol=1e-3)
     # Causal attention: tokens before the insertion point do not see it.
@@ -231,12 +231,12 @@ def test_pooled_output_reads_the_given_eos_after_insertion(encoders, hf_models):
 
 def test_encoders_run_in_bfloat16_close_to_float32(checkpoint_files):
     sd = _load_single(checkpoint_files["single"], PREFIX_G)
-    bigg32 = build_clip_g(sd)
-    bigg16 = build_clip_g({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()})
+    clip_g32 = build_clip_g(sd)
+    clip_g16 = build_clip_g({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()})
     ids = Tokenizer.bundled("!")(PROMPTS[:2])
-    e = bigg32.embed(ids)  # float32 embeddings (as a float32 mapper would produce) into a bf16 model
+    e = clip_g32.embed(ids)  # float32 embeddings (as a float32 mapper would produce) into a bf16 model
     with torch.no_grad():
-        got, want = bigg16(e, eos_positions(ids)), bigg32(e, eos_positions(ids))
+        got, want = clip_g16(e, eos_positions(ids)), clip_g32(e, eos_positions(ids))
     assert got.penultimate.dtype == got.pooled.dtype == torch.bfloat16
     torch.testing.assert_close(got.pooled.float(), want.pooled, atol=0.05, rtol=0.05)
 
@@ -261,7 +261,7 @@ def test_full_size_clip_l_has_the_official_names_and_shapes():
     assert checkpoint.config_from_shapes("clip_l", _official("clip_l", PREFIX_L, ())) == CLIPTextConfig()
 
 
-def test_full_size_bigg_has_the_official_names_and_shapes():
+def test_full_size_clip_g_has_the_official_names_and_shapes():
     want = _official("clip_g", PREFIX_G, {"logit_scale"})
     with torch.device("meta"):
         model = OpenCLIPTextModel(OpenCLIPTextConfig())

@@ -496,7 +496,7 @@ def test_time_ids_are_exact_float32_in_a_bfloat16_model_and_t_stays_integer(tiny
     assert seen["time_ids"].tolist() == [[2056.0, 1016.0, 0.0, 0.0, 2056.0, 1016.0]] * 2
     assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [667, 667]
     assert seen["x_t"].dtype == seen["context"].dtype == torch.bfloat16
-    assert SDXL.time_ids(1016, 1024, 1, "cpu", original=(1023, 767), crop=(3, 5)).tolist() == [[1023, 767, 3, 5, 1016, 1024]]
+    assert SDXL.time_ids(1016, 1024, 2, "cpu").tolist() == [[1016, 1024, 0, 0, 1016, 1024]] * 2
 
 
 def _reference_encoding(text_model, e_hat, eos, projection=None):

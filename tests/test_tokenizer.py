@@ -148,7 +148,7 @@ def test_prompt_list_is_varied_enough():
     assert len(set(PROMPTS)) == len(PROMPTS)
 
 
-def test_bigg_ids_equal_open_clip_with_bang_padding(tok_g, open_clip_tok):
+def test_clip_g_ids_equal_open_clip_with_bang_padding(tok_g, open_clip_tok):
     ours = tok_g(PROMPTS)
     assert ours.shape == (len(PROMPTS), CONTEXT_LENGTH) and ours.dtype == torch.long
     for prompt, got, want in zip(PROMPTS, ours, open_clip_tok(PROMPTS)):
