@@ -24,7 +24,7 @@ Reduction: each distance is a mean over one sample's C·h·w elements (the mask 
 re-normalise: d(m·x, m·y) literally); each term is computed per sample (the reciprocal too) and
 then averaged over the batch, so one easy negative cannot hide a collapsed one.
 
-Read next: train.py.
+Read next: data.py (where the images, captions and masks come from).
 """
 
 from dataclasses import dataclass

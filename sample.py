@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from model import attention, ddim, speed
+from model import attention, checkpoint, ddim, speed
 from model.checkpoint import UserError
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
@@ -244,9 +244,7 @@ def main(argv=None):
     concepts = subject_concepts(args, prompts)
     f = None
     if args.code:
-        from model import mapper
-
-        f = mapper.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
+        f = checkpoint.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
              for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds)]

@@ -53,7 +53,8 @@ from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, LossConfig, LossTerms, cocoins_loss
 from model import attention, clip, ddim, speed
 from model.checkpoint import UserError
-from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
+from model.checkpoint import save_mapper
+from model.mapper import Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.checkpoint import MISSING_WEIGHTS, find_default_weights
 from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR

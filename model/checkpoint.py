@@ -13,21 +13,26 @@ know lives here, in this order:
    tensor changes the layouts really differ by (`from_diffusers`);
 5. `build`: the module on the meta device, `load_state_dict(strict=True, assign=True)`, so no
    parameter is ever initialised or held twice, and a file that does not fit fails with one
-   sentence naming its missing, unexpected or misshapen tensors.
+   sentence naming its missing, unexpected or misshapen tensors;
+6. trained CoCoIns mappers, saved atomically and loaded the same strict way.
 
 Read next: model/sdxl.py (which calls `load_sdxl`), or model/clip.py for the models themselves.
 """
 
 import glob
+import json
 import os
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from model.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer
 from model.errors import UserError
+from model.mapper import Mapper, MapperConfig
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -525,8 +530,6 @@ def build(name: str, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
 def tokenizer_from_diffusers(folder: str) -> Tokenizer:
     """The tokenizer of a diffusers `tokenizer/` or `tokenizer_2/` folder (vocab.json,
     merges.txt, and the pad token from special_tokens_map.json or tokenizer_config.json)."""
-    import json
-
     paths = {name: os.path.join(folder, name) for name in ("vocab.json", "merges.txt")}
     for path in paths.values():
         if not os.path.isfile(path):
@@ -568,3 +571,51 @@ def load_sdxl(path: str, device, dtype, vae_path: str | None = None) -> dict:
         if os.path.isfile(os.path.join(path, sub, "vocab.json")):
             models[tok] = tokenizer_from_diffusers(os.path.join(path, sub))
     return models
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Trained CoCoIns mappers
+# ----------------------------------------------------------------------------------------------
+
+# safetensors metadata that marks a file as a mapper and records its architecture.
+FORMAT_KEY, FORMAT = "format", "cocoins-mapper"
+CONFIG_KEY = "mapper_config"
+
+
+def save_mapper(path: str, mapper: Mapper, metadata: dict[str, str] | None = None) -> None:
+    """Write `mapper` (unwrapped from DDP) to a safetensors file, atomically.
+
+    `metadata` (string values, e.g. the training arguments as JSON) is stored beside the config;
+    the keys "format" and "mapper_config" are the mapper's own. The file is written to a temporary
+    name in the same folder and renamed over `path`, so a killed process leaves the previous file
+    intact and never a partial one."""
+    meta = {**(metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(asdict(mapper.config))}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mapper.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mapper-", suffix=".safetensors.tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_mapper(path: str, device="cpu") -> Mapper:
+    """A mapper written by `save_mapper`, in eval mode with gradients off (call
+    `.train().requires_grad_(True)` to continue training it)."""
+    meta = read_metadata(path)
+    if meta.get(FORMAT_KEY) != FORMAT or CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} is not a CoCoIns mapper checkpoint; pass the mapper.safetensors that train.py writes")
+    try:
+        fields = json.loads(meta[CONFIG_KEY])
+        config = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"the mapper config stored in {path} is unreadable ({err}); the file may be corrupt") from None
+    # Placeholder statistics; the file's own are assigned with the weights just below.
+    mapper = Mapper(config, [(torch.zeros(D), torch.ones(D)) for D in config.token_widths])
+    state = dict(stream_tensors(path, read_shapes(path), device=device))
+    return load_strict(mapper.to(device), state, "mapper")

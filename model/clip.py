@@ -23,7 +23,7 @@ Module names are the official checkpoint's: CLIP-L keeps transformers' names
 (`text_model.encoder.layers.N.self_attn.q_proj`), bigG keeps OpenCLIP's
 (`transformer.resblocks.N.attn.in_proj_weight`), so loading is a prefix split.
 
-Read next: model/unet.py (the denoiser these embeddings condition), then model/mapper.py.
+Read next: model/unet.py (the denoiser these embeddings condition).
 """
 
 import gzip

@@ -23,8 +23,7 @@ Notation (paper symbol ↔ variable):
     η            eta              0 = deterministic DDIM, 1 = DDPM-like ancestral noise
     σ_t          sigma_t          standard deviation of the fresh noise z in a step
 
-Read next: model/sdxl.py (which calls `sample` with the UNet as the ε-function), then losses.py
-(which uses `add_noise` and `x0_from_eps` for the training triplets).
+Read next: model/sdxl.py (which calls `sample` with the UNet as the ε-function).
 """
 
 import math

@@ -1,4 +1,4 @@
-"""One checkpoint -> a ready Stable Diffusion XL: loading, prompt encoding, generation.
+"""The Stable Diffusion XL pipeline: prompt encoding, micro-conditioning, generation, decoding.
 
 This file ties the components together the way SDXL base uses them:
 
@@ -11,15 +11,10 @@ This file ties the components together the way SDXL base uses them:
                                         UNet ε̂(x_t, t, context, pooled, time_ids)
                                         DDIM (model/ddim.py) ─> latent ─> VAE decode ─> image
 
-Loading accepts the two layouts people have on disk:
-  * the official single file `sd_xl_base_1.0.safetensors` (and SDXL fine-tunes saved the same
-    way): four key prefixes, one per model;
-  * a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer*/`),
-    with or without `.fp16` variant files; each model file converts it to official names.
-Every tensor is accounted for (strict loading), tensors stream one by one to the target device
-and dtype, and anything that is not SDXL base ends in one sentence saying what it looks like.
+Loading (the official single file or a diffusers folder) is model/checkpoint.py's; speed paths
+(--compile, --cuda-graphs, --offload) are model/speed.py's, which set `offload` and `graphed_unet`.
 
-Read next: model/mapper.py (the CoCoIns part), then sample.py.
+Read next: model/mapper.py (the CoCoIns part).
 """
 
 from contextlib import nullcontext
@@ -42,15 +37,14 @@ class SDXL:
         self.clip_l, self.clip_g = clip_l, clip_g
         self.unet, self.vae = unet, vae
         self.device, self.dtype = torch.device(device), dtype
-        # Set by model/speed.py when asked: an Offload (--offload), a CUDAGraphed UNet (--cuda-graphs).
-        self.offload = None
-        self.graphed_unet = None
+        self.offload = None  # an Offload (--offload), set by model/speed.py
+        self.graphed_unet = None  # a CUDAGraphed UNet (--cuda-graphs), set by model/speed.py
 
     # -- loading --------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, device="cpu", dtype=torch.float32, vae_path: str | None = None):
-        """Load SDXL from the official single file or a diffusers folder (see module docstring)."""
+        """Load SDXL from the official single file or a diffusers folder (model/checkpoint.py)."""
         m = checkpoint.load_sdxl(path, device, dtype, vae_path)
         return cls(m["tok_l"], m["tok_g"], m["clip_l"], m["clip_g"], m["unet"], m["vae"], device, dtype)
 

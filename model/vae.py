@@ -33,7 +33,7 @@ that was cast to float16 afterwards. Finetunes such as "sdxl-vae-fp16-fix" would
 float16, but float32 and bfloat16 are right for every VAE, so we do not tell them apart.
 bfloat16 has float32's range and is fine.
 
-Read next: model/unet.py (what consumes the latents), model/ddim.py (how they are sampled).
+Read next: model/ddim.py (how the latents are sampled).
 """
 
 from dataclasses import dataclass

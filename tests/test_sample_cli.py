@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from model.mapper import Mapper, MapperConfig, embedding_stats, save_mapper
+from model.checkpoint import save_mapper
+from model.mapper import Mapper, MapperConfig, embedding_stats
 from model.sdxl import SDXL
 from tests.test_sdxl import FOREIGN
 from tests.tiny_sdxl import _randomize, save_tiny_sdxl
@@ -258,10 +259,11 @@ def test_each_code_reaches_the_concept_word_it_is_paired_with(tiny, tmp_path, mo
     """The pseudo-words that reach the encoders before a concept word are the mapper's output for
     the code paired with that word: given in order with --concept, else the prompt's order."""
     import sample
+    from model import checkpoint
     from model import mapper as mapper_lib
 
     single, _, mapper = tiny
-    f = mapper_lib.load_mapper(mapper)
+    f = checkpoint.load_mapper(mapper)
     with torch.no_grad():
         want = {code: f(mapper_lib.code_to_z(code, f.config.z_dim)[None]) for code in pairs}
     seen = []

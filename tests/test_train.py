@@ -25,7 +25,8 @@ import train
 from losses import LossConfig, cocoins_loss
 from model.checkpoint import UserError, read_metadata
 from model.ddim import add_noise, alpha_bars, x0_from_eps
-from model.mapper import Mapper, MapperConfig, embedding_stats, load_mapper
+from model.checkpoint import load_mapper
+from model.mapper import Mapper, MapperConfig, embedding_stats
 from model.checkpoint import MISSING_WEIGHTS
 from model.sdxl import SDXL
 from tests.test_data import make_celeba
