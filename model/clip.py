@@ -70,9 +70,7 @@ SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # Curly quotes -> straight quotes, the one ftfy repair that changes everyday typed prompts
 # (copied text: "woman’s"). The character sets are ftfy's `uncurl_quotes`.
-_STRAIGHT_QUOTES = str.maketrans(
-    dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'") | dict.fromkeys("\u201c\u201d\u201e\u201f", '"')
-)
+_STRAIGHT_QUOTES = str.maketrans(dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'") | dict.fromkeys("\u201c\u201d\u201e\u201f", '"'))
 
 
 def clean_text(text: str) -> str:
@@ -113,19 +111,14 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_id: int):
         if vocab.get(BOS) != BOS_ID or vocab.get(EOS) != EOS_ID:
-            raise UserError(
-                f"this CLIP vocabulary does not map {BOS} to {BOS_ID} and {EOS} to {EOS_ID}; use SDXL's tokenizer files"
-            )
+            raise UserError(f"this CLIP vocabulary does not map {BOS} to {BOS_ID} and {EOS} to {EOS_ID}; use SDXL's tokenizer files")
         self.pad_id = pad_id
         self._bpe = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>"))
-        self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                # invert=True keeps the pattern's matches as words and drops what lies between.
-                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-                # Each word's UTF-8 bytes -> bytes_to_unicode() characters (no further splitting).
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+        self._bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            # invert=True keeps the pattern's matches as words and drops what lies between.
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            # Each word's UTF-8 bytes -> bytes_to_unicode() characters (no further splitting).
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
     @classmethod
     def bundled(cls, pad: str) -> "Tokenizer":
@@ -172,9 +165,6 @@ def eos_positions(ids: torch.Tensor) -> torch.Tensor:
 # Text transformers
 # ----------------------------------------------------------------------------------------
 
-HEAD_WIDTH = 64  # every SDXL text attention head is 64 wide; heads = width / 64
-
-
 @dataclass
 class CLIPTextConfig:
     """CLIP ViT-L/14's text transformer, SDXL's first text encoder."""
@@ -183,7 +173,7 @@ class CLIPTextConfig:
     context_length: int = CONTEXT_LENGTH  # rows of the positional embedding
     width: int = 768  # token width D
     layers: int = 12  # transformer blocks (SDXL uses the output of the second to last)
-    heads: int = 12  # attention heads, HEAD_WIDTH wide each
+    heads: int = 12  # attention heads, 64 wide each
     mlp_width: int = 3072  # hidden width of each block's MLP (4·D)
 
 

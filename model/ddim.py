@@ -104,14 +104,8 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-def ddim_step(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    alpha_bar_t: float,
-    alpha_bar_prev: float,
-    eta: float = 0.0,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """x_t → x_{t_prev} (DDIM eq. 12 with σ_t from eq. 16). `noise` is z ~ N(0, I), needed when
     η > 0. The ᾱ are Python floats: the coefficients are computed on the host in float64 and the
     step launches no host↔device synchronisation."""
@@ -149,15 +143,8 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor 
 
 
 @torch.no_grad()
-def sample(
-    eps_fn: EpsFn,
-    x_T: torch.Tensor,
-    num_steps: int,
-    guidance: float,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, eta: float = 0.0,
+           generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: x_T (B, C, h, w) → x_0, same shape and dtype.
 
     Contract of `eps_fn(x_t, t) -> (eps_cond, eps_uncond)`:

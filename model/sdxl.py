@@ -25,9 +25,6 @@ import torch
 from model import checkpoint, clip, ddim, vae
 from model.errors import UserError
 
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
 
 class SDXL:
     """The four frozen SDXL models plus their tokenizers, with SDXL base's conditioning."""
@@ -103,25 +100,18 @@ class SDXL:
             context, pooled = self.encode_prompt([prompt], subjects)
             # (at guidance 1 the unconditional half is never computed: no need to encode it)
             neg_context, neg_pooled = self.encode_negative(negative_prompt if guidance != 1 else "", 1, context, pooled)
-        time_ids = self.time_ids(height, width, 1, self.device)
-        # The batch is [conditional, unconditional]; the UNet sees both halves in one pass.
-        cond = dict(context=torch.cat([context, neg_context]).to(self.dtype),
-                    pooled=torch.cat([pooled, neg_pooled]).to(self.dtype),
-                    time_ids=torch.cat([time_ids, time_ids]))
-
+        time_ids = self.time_ids(height, width, 2, self.device)
+        # The batch is [conditional, unconditional]: the UNet sees both halves in one pass. At
+        # guidance 1, ε̂ = ε_c: the unconditional half is never read, so never computed.
+        n = 1 if guidance == 1 else 2
+        cond = (torch.cat([context, neg_context])[:n].to(self.dtype), torch.cat([pooled, neg_pooled])[:n].to(self.dtype),
+                time_ids[:n].contiguous())
         unet_step = self.graphed_unet or self.unet
-        if guidance == 1:  # ε̂ = ε_c: the unconditional half is never read, so never computed
-            cond = {k: v[:1] for k, v in cond.items()}
 
         # (inputs contiguous, as bench.py's: a compiled UNet's guards include strides)
         def eps_fn(x_t, t):
-            if guidance == 1:
-                return unet_step(x_t.to(self.dtype), t.repeat(1), cond["context"], cond["pooled"],
-                                 cond["time_ids"]).float(), None
-            x_in = torch.cat([x_t, x_t]).to(self.dtype)
-            eps_c, eps_u = unet_step(x_in, t.repeat(2), cond["context"], cond["pooled"],
-                                     cond["time_ids"]).float().chunk(2)
-            return eps_c, eps_u
+            eps = unet_step(x_t.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), *cond).float()
+            return eps.chunk(2) if n == 2 else (eps, None)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, 4, height // 8, width // 8)

@@ -96,9 +96,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(GroupNorm32(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         # Slot 2 is sgm's Dropout (p = 0 for SDXL); the Identity keeps the official index of the conv.
-        self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        )
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # A 1×1 conv only where the channel count changes (first ResBlock of a level, every up block).
         self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
@@ -122,14 +120,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-
-        # (B, L, heads·D) -> (B, heads, L, D)
-        def split(z):
-            return z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        # softmax(q·kᵀ/√D)·v per head, q from x, k and v from the context
-        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        # q from x, k and v from the context: (B, L, heads·D) -> (B, heads, L, D)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for z in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        # softmax(q·kᵀ/√D)·v per head
+        return self.to_out(attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class GEGLU(nn.Module):
@@ -181,9 +176,7 @@ class SpatialTransformer(nn.Module):
         # eps 1e-6 here, unlike the ResBlocks' 1e-5 (sgm's Normalize vs normalization)
         self.norm = GroupNorm32(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)  # SDXL projects with Linear layers, not 1×1 convs
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, context_dim, head_dim) for _ in range(depth)]
-        )
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, head_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x, context):
@@ -255,9 +248,7 @@ class UNet(nn.Module):
         # t: sinusoid (320) -> MLP -> emb (1280)
         self.time_embed = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
         # y (2816) -> MLP -> added to emb; sgm nests this MLP in one more Sequential, hence label_emb.0.0
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E))
-        )
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E)))
 
         # Down: a conv from latent to features, then per level num_res_blocks × (ResBlock
         # [+ SpatialTransformer]) and a Downsample (but not after the last level).
@@ -274,11 +265,8 @@ class UNet(nn.Module):
                 self.input_blocks.append(Block(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = Block(
-            ResBlock(ch, ch, E),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.head_dim),
-            ResBlock(ch, ch, E),
-        )
+        self.middle_block = Block(ResBlock(ch, ch, E), SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim,
+                                                                      cfg.head_dim), ResBlock(ch, ch, E))
 
         # Up: per level (deepest first) num_res_blocks + 1 × (ResBlock on [h, skip] [+ SpatialTransformer]),
         # the last one of each level but the top followed by an Upsample.

@@ -26,12 +26,10 @@ Shape of the network (SDXL base numbers, `VAEConfig` defaults):
     post_quant_conv (1x1) -> decoder: the mirror image, three ResNet blocks per level and a
              nearest-neighbour 2x upsample + conv between levels, conv_out -> 3 channels.
 
-Precision: the SDXL VAE overflows in float16 (activations in the decoder exceed 65504 and the
-image turns to NaN/black). We never run it in float16: `build` upcasts float16 weights to
-float32 (the VAE is 84 M parameters, 335 MB in float32), and `encode`/`decode` refuse a VAE
-that was cast to float16 afterwards. Finetunes such as "sdxl-vae-fp16-fix" would survive
-float16, but float32 and bfloat16 are right for every VAE, so we do not tell them apart.
-bfloat16 has float32's range and is fine.
+Precision: the SDXL VAE overflows in float16 (decoder activations exceed 65504: NaN/black images).
+It never runs in float16: the loader upcasts float16 weights to float32 (84 M parameters, 335 MB)
+and `encode`/`decode` refuse a VAE cast to float16 afterwards. bfloat16 has float32's range and is
+fine. (Finetunes like "sdxl-vae-fp16-fix" survive float16; float32 and bfloat16 suit every VAE.)
 
 Read next: model/ddim.py (how the latents are sampled).
 """
@@ -145,8 +143,7 @@ class MidBlock(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    """One resolution of the encoder: `block` ResNets, then (except at the last level) a downsample
-    (a container: Encoder.forward runs its parts)."""
+    """A container (Encoder.forward runs its parts): `block` ResNets, then a downsample but at the last level."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool, groups: int):
         super().__init__()
@@ -214,8 +211,7 @@ class Upsample(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    """One resolution of the decoder: `block` ResNets, then (except at level 0) an upsample
-    (a container: Decoder.forward runs its parts)."""
+    """A container (Decoder.forward runs its parts): `block` ResNets, then an upsample but at level 0."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool, groups: int):
         super().__init__()
@@ -276,10 +272,8 @@ class AutoencoderKL(nn.Module):
         dtype = self.quant_conv.weight.dtype
         if dtype == torch.float16:
             # PITFALL: the SDXL VAE overflows in float16 (NaN/black images).
-            raise UserError(
-                "the SDXL VAE overflows in float16, so keep it in float32 or bfloat16 "
-                "(build() already loads float16 weights as float32)"
-            )
+            raise UserError("the SDXL VAE overflows in float16, so keep it in float32 or bfloat16 "
+                            "(model/checkpoint.py already loads float16 weights as float32)")
         return dtype
 
     def encode(self, x) -> DiagonalGaussian:
