@@ -22,9 +22,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
-from model import attention, ddim
+from model import attention, checkpoint, ddim, speed
 from model.checkpoint import UserError
-from model.unet import COMPILE_MODES
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
 # --concept, the first of these found in the prompt is the concept.
@@ -52,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile: alone or `regional`, the UNet's repeated blocks (seconds to compile); "
                         "`full`, the whole UNet and the VAE decoder (minutes to compile, fastest after)")
     p.add_argument("--offload", action="store_true",
@@ -180,7 +179,8 @@ def subjects_from_codes(codes, concepts, f, model, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model.sdxl import MISSING_WEIGHTS, SDXL, check_cuda_graphs, check_size, find_default_weights
+    from model.checkpoint import MISSING_WEIGHTS, find_default_weights
+    from model.sdxl import SDXL, check_size
 
     prompts = args.prompt
     if not prompts or any(not p.strip() for p in prompts):
@@ -195,7 +195,7 @@ def main(argv=None):
         raise UserError(MISSING_WEIGHTS)
     # Check what can be checked before spending a minute loading 7 GB.
     if args.cuda_graphs:
-        check_cuda_graphs(device, args.offload)
+        speed.check_cuda_graphs(device, args.offload)
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
     if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
@@ -203,9 +203,7 @@ def main(argv=None):
     concepts = subject_concepts(args, prompts)
     f = None
     if args.code:
-        from model import mapper
-
-        f = mapper.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
+        f = checkpoint.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
              for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds)]
@@ -214,11 +212,11 @@ def main(argv=None):
     print(f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     model = SDXL.load(weights, device="cpu" if args.offload else device, dtype=dtype, vae_path=args.vae)
     if args.offload:
-        model.enable_offload(device)
+        speed.enable_offload(model, device)
     if args.compile:
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     if args.cuda_graphs:
-        model.enable_cuda_graphs()
+        speed.enable_cuda_graphs(model)
     subjects = subjects_from_codes(args.code, concepts, f, model, dtype) if args.code else None
 
     images = []

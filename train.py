@@ -59,11 +59,10 @@ from tqdm import tqdm
 from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, labelled_grid, pick_device, pick_dtype
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
-from model import attention, clip, ddim
-from model.checkpoint import UserError
-from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
-from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
-from model.unet import COMPILE_MODES
+from model import attention, clip, ddim, speed
+from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, save_mapper
+from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
+from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
 
 # What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
@@ -165,7 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: each process's own GPU)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help=f"dtype of the frozen SDXL ({DTYPE_HELP}); f and the losses stay float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's blocks in backward instead of storing them: far less memory, slower steps")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile the UNet: alone or `regional`, its repeated blocks (seconds to compile); `full`, "
                         "the whole UNet (minutes to compile, fastest after); the grad and no-grad passes compile once each")
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
@@ -429,10 +428,11 @@ def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
     for module in (model.unet, model.vae, model.clip_l, model.clip_g):
         module.requires_grad_(False)  # frozen: gradients pass through SDXL, never into it
     model.unet.gradient_checkpointing = args.grad_checkpointing
+    speed.save_memory(model.unet, model.vae)
     if args.compile:
-        # Static shapes (model/unet.py compile_unet): the 3B pass with gradients, the 2B pass
+        # Static shapes (model/speed.py compile_unet): the 3B pass with gradients, the 2B pass
         # without and the sampling batch each compile once, with the fastest kernels for their shape.
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     return model
 
 

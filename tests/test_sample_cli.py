@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from model.mapper import Mapper, MapperConfig, embedding_stats, save_mapper
+from model.checkpoint import save_mapper
+from model.mapper import Mapper, MapperConfig, embedding_stats
 from model.sdxl import SDXL
 from tests.test_sdxl import FOREIGN
 from tests.tiny_sdxl import _randomize, save_tiny_sdxl
@@ -115,10 +116,10 @@ MISTAKES = {
                                       "--prompt", "a man reading"], "names 'man' only 1 time(s)"),
 }
 NOT_SDXL = ["sd1", "truncated", "folder_without_vae"]  # tests/test_sdxl.py FOREIGN cases, run through sample.py
-# Runs sample.py as `python sample.py` would, with model/sdxl.py's weights/ folder pointed elsewhere
+# Runs sample.py as `python sample.py` would, with model/checkpoint.py's weights/ folder pointed elsewhere
 # (a developer's checkout may hold the real weights).
 SAMPLE_WITH_WEIGHTS_DIR = (
-    "import runpy, sys; import model.sdxl as sdxl; sdxl.WEIGHTS_DIR = sys.argv[1]; "
+    "import runpy, sys; import model.checkpoint as c; c.WEIGHTS_DIR = sys.argv[1]; "
     "sys.argv = ['sample.py'] + sys.argv[2:]; runpy.run_path('sample.py', run_name='__main__')"
 )
 
@@ -339,3 +340,40 @@ def test_no_weights_anywhere_says_how_to_download_them(runs):
     r = runs["no_weights"][0]
     assert_one_error_line(r, "no SDXL weights found")
     assert "run `python weights/download.py`" in r.stderr and "--weights PATH" in r.stderr
+
+
+@pytest.mark.parametrize("args,pairs", [
+    (["--code", 1, "--concept", "man", "--code", 2, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {1: "man", 2: "woman"}),
+    (["--code", 2, "--concept", "man", "--code", 1, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {2: "man", 1: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a man and a woman talking"], {1: "man", 2: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a woman and a man talking"], {1: "woman", 2: "man"}),
+], ids=["given", "given_swapped", "found", "found_swapped"])
+def test_each_code_reaches_the_concept_word_it_is_paired_with(tiny, tmp_path, monkeypatch, args, pairs):
+    """The pseudo-words that reach the encoders before a concept word are the mapper's output for
+    the code paired with that word: given in order with --concept, else the prompt's order."""
+    import sample
+    from model import checkpoint
+    from model import mapper as mapper_lib
+
+    single, _, mapper = tiny
+    f = checkpoint.load_mapper(mapper)
+    with torch.no_grad():
+        want = {code: f(mapper_lib.code_to_z(code, f.config.z_dim)[None]) for code in pairs}
+    seen = []
+
+    def spy(self, prompts, subjects=None):
+        seen.append(subjects)
+        return encode_prompt(self, prompts, subjects)
+
+    encode_prompt = SDXL.encode_prompt
+    monkeypatch.setattr(SDXL, "encode_prompt", spy)
+    sample.main(["--weights", single, "--mapper", mapper, "--out", str(tmp_path), "--steps", "1", "--guidance", "1",
+                 "--width", "64", "--height", "64", "--device", "cpu", *map(str, args)])
+    subjects = next(s for s in seen if s)
+    assert [concept for _, _, concept in subjects] == list(pairs.values())
+    for (w_l, w_g, concept), code in zip(subjects, pairs):
+        assert pairs[code] == concept
+        torch.testing.assert_close(w_l, want[code][0][0], rtol=0, atol=0)
+        torch.testing.assert_close(w_g, want[code][1][0], rtol=0, atol=0)

@@ -26,8 +26,10 @@ import train
 from losses import LossConfig, cocoins_loss
 from model.checkpoint import UserError, read_metadata
 from model.ddim import add_noise, alpha_bars, x0_from_eps
-from model.mapper import Mapper, MapperConfig, embedding_stats, load_mapper
-from model.sdxl import MISSING_WEIGHTS, SDXL
+from model.checkpoint import load_mapper
+from model.mapper import Mapper, MapperConfig, embedding_stats
+from model.checkpoint import MISSING_WEIGHTS
+from model.sdxl import SDXL
 from tests.test_data import make_celeba
 from tests.tiny_sdxl import save_tiny_sdxl
 
@@ -591,15 +593,58 @@ def test_vae_fingerprint_follows_the_weights_not_the_file_layout(tiny):
 # -- several processes -----------------------------------------------------------------------
 
 
-def test_two_torchrun_cpu_processes_train_with_gloo(tiny):
-    out = tiny.root / "runs" / "ddp"
-    # 6 images over 2 ranks of batch 2: one step per epoch, so 2 steps cross an epoch.
-    r = run("train.py", *argv(tiny, out, steps=2), torchrun=True)
+# Runs train.py's main (under torchrun or alone) with the step noise of one draw for the combined
+# batch, dealt to the ranks as DistributedSampler deals the images (rank r: rows r, r + world, …),
+# so every image meets the same noise however the batch is split; saves the mapper each rank ends
+# with as rank{N}.safetensors in --out.
+COMBINED_BATCH_DRIVER = """
+import os, sys
+from safetensors.torch import save_file
+import train
+
+world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+draw_noise, cocoins_step, seen = train.draw_noise, train.cocoins_step, []
+
+def rows_of_the_combined_draw(seed, rank, step, B, *rest):
+    n = draw_noise(seed, 0, step, B * world, *rest)
+    return train.StepNoise(*(x[rank::world] for x in (n.z1, n.z2, n.eps1, n.eps2, n.t)))
+
+def step_seeing_f(model, f, *args):
+    seen.append(f)
+    return cocoins_step(model, f, *args)
+
+train.draw_noise, train.cocoins_step = rows_of_the_combined_draw, step_seeing_f
+train.main(sys.argv[1:])
+f = getattr(seen[-1], "module", seen[-1])  # the mapper, unwrapped from DDP
+out = sys.argv[sys.argv.index("--out") + 1]
+save_file({k: v.contiguous() for k, v in f.state_dict().items()}, os.path.join(out, f"rank{rank}.safetensors"))
+"""
+
+
+def test_two_torchrun_gloo_processes_end_with_the_mapper_of_one_process_on_the_combined_batch(tiny):
+    """DDP averages f's gradients: both ranks end with identical weights, and those equal one
+    process that trained on both ranks' batches at once (the losses are means over the batch)."""
+    root = tiny.root / "combined"
+    root.mkdir()
+    driver = root / "driver.py"
+    driver.write_text(COMBINED_BATCH_DRIVER)
+    # 6 images: two ranks of batch 2, or one process of batch 4, take one step per epoch; 2 steps cross an epoch.
+    r = run(driver, *argv(tiny, root / "ddp", steps=2), torchrun=True)
     assert r.returncode == 0, r.stderr
-    log = read_log(out)
+    r = run(driver, *argv(tiny, root / "one", steps=2), "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    log = read_log(root / "ddp")
     assert [row["step"] for row in log] == [1, 2]  # rank 0 alone writes
     assert all(math.isfinite(row["loss"]) for row in log)
-    assert load_mapper(str(out / "mapper.safetensors")).config.z_dim == 512
+    rank0, rank1 = load_file(root / "ddp" / "rank0.safetensors"), load_file(root / "ddp" / "rank1.safetensors")
+    one, saved = load_file(root / "one" / "rank0.safetensors"), mapper_tensors(root / "ddp")
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(saved[name], rank0[name]), name  # what train.py wrote: rank 0's mapper
+        # Equal up to float rounding, which Adam's step amplifies where a gradient is near 0: a
+        # rank stepping on its own half batch is off by about lr = 1e-4 in most elements.
+        assert (rank0[name] - one[name]).abs().mean() < 1e-7, name
+        torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=5e-5, msg=name)
 
 
 def test_captions_whose_concept_would_be_truncated_away_are_refused():
