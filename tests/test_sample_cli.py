@@ -253,7 +253,8 @@ def spy_insertions(monkeypatch):
 def assert_insertions(calls, mapper_path, prompt, expected):
     """Both encoders' insertions put f(z of code k) at the k-th expected word's own occurrence."""
     from model import clip
-    from model.mapper import code_to_z, load_mapper
+    from model.checkpoint import load_mapper
+    from model.mapper import code_to_z
 
     f = load_mapper(mapper_path)
     ids = clip.Tokenizer.bundled(pad="eos")([prompt])[0].tolist()

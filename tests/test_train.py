@@ -734,7 +734,7 @@ def test_mapper_norm_none_is_the_plain_linear_output_and_layernorm_normalises_it
 def test_a_saved_mapper_keeps_its_norm_and_one_saved_before_the_field_loads_as_layernorm(tmp_path):
     from safetensors.torch import save_file
 
-    from model.mapper import save_mapper
+    from model.checkpoint import save_mapper
 
     f = tiny_mapper("none")
     save_mapper(str(tmp_path / "none.safetensors"), f)
