@@ -649,9 +649,10 @@ def _first_dir(folders, name):
     return None
 
 
-def find_layout(folder: str) -> Layout:
-    """Detect which layout `folder` holds: a CelebA layout, else an image folder with captions.jsonl;
-    one UserError saying what is expected if neither."""
+def find_layout(folder: str, need_captions: bool = True) -> Layout:
+    """Detect which layout `folder` holds: a CelebA layout, else an image folder with captions.jsonl
+    (without it too when not `need_captions`: prepare_data.py writes it); one UserError saying what
+    is expected if neither."""
     if not os.path.isdir(folder):
         raise UserError(f"--data {folder} is not a folder")
     candidates = [folder] + [os.path.join(folder, n) for n in ("celeba", "CelebA", "CelebAMask-HQ", "CelebA-HQ")]
@@ -700,9 +701,10 @@ def find_layout(folder: str) -> Layout:
                     masks=_first_dir(beside, "masks"),
                 )
     captions = os.path.join(folder, "captions.jsonl")
-    if os.path.isfile(captions):
+    if os.path.isfile(captions) or (not need_captions and any_image(folder)):
         return Layout(name="image folder", root=folder, images=folder, attributes=None, landmarks=None,
-                      partition=None, parts=None, captions=captions, masks=_first_dir([folder], "masks"), nested=True)
+                      partition=None, parts=None, captions=captions if os.path.isfile(captions) else None,
+                      masks=_first_dir([folder], "masks"), nested=True)
     if not any_image(folder):
         raise UserError(
             f"no CelebA found in {folder} and no images (jpg, jpeg, png, webp) in it or its subfolders; point --data at "
