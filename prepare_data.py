@@ -45,10 +45,12 @@ import data
 from model.checkpoint import UserError
 
 # The paper's models, as transformers ships them: LLaVA-Next (Liu et al. 2024) for captions;
-# Grounded SAM 2 (Ren et al. 2024) is Grounding DINO's boxes refined into masks by SAM 2.
+# Grounded SAM (Ren et al. 2024) is Grounding DINO's boxes refined into masks by SAM. The paper
+# used SAM 2; its transformers processor needs torchvision, so the default is SAM, the one our
+# tests run, and `--segmenter facebook/sam2.1-hiera-large` takes SAM 2 where torchvision is installed.
 DEFAULT_CAPTIONER = "llava-hf/llava-v1.6-mistral-7b-hf"
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
-DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"
+DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
 
 # What --concept auto chooses from: the five subjects of the paper's evaluation prompts.
 AUTO_CONCEPTS = ("man", "woman", "boy", "girl", "person")
@@ -178,22 +180,31 @@ class Models:
     def masks(self, images: list[Image.Image], concepts: list[str]) -> list[np.ndarray | None]:
         """Grounded SAM: the best detector box for each image's concept, then SAM's mask of that
         box at the image's size (bool H x W); None where no box reaches --box-threshold."""
-        # Grounding DINO reads lower-case phrases ended by a period.
-        inputs = self.detect_processor(images=images, text=[c.lower() + "." for c in concepts], padding=True,
-                                       return_tensors="pt").to(self.device)
-        found = self.detect_processor.post_process_grounded_object_detection(
-            self.detector(**inputs), inputs["input_ids"], threshold=self.box_threshold, text_threshold=0.0,
-            target_sizes=[im.size[::-1] for im in images])
-        # The best box only: a caption names one subject, and a second person or dog in the
-        # background must not become part of it.
-        boxes = [r["boxes"][r["scores"].argmax()].tolist() if len(r["scores"]) else None for r in found]
+        boxes = [None] * len(images)
+        # One detector call per image size and concept: padding a batch to its largest image
+        # would change the backbone's windows, so an image's boxes would depend on its batch
+        # (CelebA's images all share one size, so it still runs in whole batches).
+        groups = {}
+        for k, (im, concept) in enumerate(zip(images, concepts)):
+            groups.setdefault((im.size, concept), []).append(k)
+        for ((w, h), concept), ks in groups.items():
+            # Grounding DINO reads lower-case phrases ended by a period.
+            inputs = self.detect_processor(images=[images[k] for k in ks], text=[concept.lower() + "."] * len(ks),
+                                           return_tensors="pt").to(self.device)
+            found = self.detect_processor.post_process_grounded_object_detection(
+                self.detector(**inputs), inputs["input_ids"], threshold=self.box_threshold, text_threshold=0.0,
+                target_sizes=[(h, w)] * len(ks))
+            # The best box only: a caption names one subject, and a second person or dog in the
+            # background must not become part of it.
+            for k, r in zip(ks, found):
+                boxes[k] = r["boxes"][r["scores"].argmax()].tolist() if len(r["scores"]) else None
         hits = [k for k, box in enumerate(boxes) if box is not None]
         results = [None] * len(images)
         if not hits:
             return results
         inputs = self.segment_processor(images=[images[k] for k in hits], input_boxes=[[boxes[k]] for k in hits],
                                         return_tensors="pt").to(self.device)
-        out = self.segmenter(**inputs, multimask_output=False)
+        out = self.segmenter(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False)
         # SAM's processor also wants the resized input sizes; SAM 2's knows them.
         sizes = [inputs[k] for k in ("original_sizes", "reshaped_input_sizes") if k in inputs]
         for k, mask in zip(hits, self.segment_processor.post_process_masks(out.pred_masks.cpu(), *[s.cpu() for s in sizes])):

@@ -297,6 +297,23 @@ def test_images_where_nothing_is_found_are_skipped_counted_and_not_retried(model
     assert "skipped 3: 2 nothing found, 1 unreadable" in capsys.readouterr().out
 
 
+def test_torchrun_splits_the_folder_and_ends_equal_to_one_process(prepared, models, tmp_path):
+    import socket
+
+    folder = make_folder(tmp_path / "dogs")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        os.path.join(ROOT, "prepare_data.py"), *argv(folder, models)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("prepare_data: 3 of 3 images") == 1  # one summary, from rank 0
+    assert sorted(os.listdir(folder / ".prepare_data")) == ["skipped.rank0.jsonl", "skipped.rank1.jsonl"]
+    assert (folder / "captions.jsonl").read_bytes() == (prepared[0] / "captions.jsonl").read_bytes()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one sentence, before any model loads, nothing written
 
