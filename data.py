@@ -132,6 +132,7 @@ def collate(items: list[dict]) -> dict:
         batch["cache_key"] = [it["cache_key"] for it in items]
     return batch
 
+
 # ----------------------------------------------------------------------------------------------
 # Captions
 
@@ -256,6 +257,7 @@ def attribute_captions(attrs: dict[str, bool], rng: random.Random) -> tuple[tupl
     t1, t2 = rng.sample(_TEMPLATES, 2)
     return (t1.format(_describe(concept, attrs, rng)), t2.format(_describe(concept, attrs, rng))), concept
 
+
 # ----------------------------------------------------------------------------------------------
 # Masks
 #
@@ -324,6 +326,7 @@ def ellipse_mask(ellipse, crop: Crop, r: int) -> np.ndarray:
     inside = (along / half_down) ** 2 + (across / half_across) ** 2 <= 1.0
     return inside.reshape(r, supersample, r, supersample).mean(axis=(1, 3)).astype(np.float32)
 
+
 # ----------------------------------------------------------------------------------------------
 # Geometry: resize, crop
 
@@ -349,6 +352,7 @@ def square_crop(h: int, w: int, R: int, rng: random.Random | None = None) -> Cro
         top, left = rng.randint(0, rh - R), rng.randint(0, rw - R)
     sx, sy = w / rw, h / rh
     return Crop(top, left, (left * sx, top * sy, (left + R) * sx, (top + R) * sy))
+
 
 # ----------------------------------------------------------------------------------------------
 # The dataset
@@ -613,6 +617,7 @@ class LatentCache:
                 rows[row] = latent
         return torch.stack(rows)
 
+
 # ----------------------------------------------------------------------------------------------
 # Which layout a folder holds
 
@@ -777,13 +782,6 @@ def scan_parts(folder):
     return {stem: tuple(sorted(paths)) for stem, paths in found.items()}
 
 
-def _stem(filename: str) -> str:
-    # os.path.splitext(os.path.basename(...)) at a quarter of the cost: 600k calls at start-up
-    base = filename[filename.rfind("/") + 1 :]
-    dot = base.rfind(".")
-    return base[:dot] if dot > 0 else base
-
-
 def read_table(path: str, dtype, width: int | None = None):
     """Read a CelebA annotation table -> (column names or None, {stem: row}, rows (N, K) array, bad stems).
 
@@ -826,6 +824,7 @@ def read_table(path: str, dtype, width: int | None = None):
     table = table if table is not None else np.zeros((0, width or 0), dtype=dtype)
     index = {stem: k for k, stem in enumerate(stems)}
     return columns, index, table, bad - index.keys()
+
 
 # ----------------------------------------------------------------------------------------------
 # What the user wrote, checked at start-up; damaged files

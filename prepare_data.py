@@ -245,7 +245,7 @@ class Folder:
     """The image folder and this command's files in it (see the module docstring)."""
 
     def __init__(self, root: str):
-        layout = data.find_layout(root, need_captions=False)
+        layout = self.layout = data.find_layout(root, need_captions=False)
         self.images_dir, self.nested = layout.images, layout.nested
         self.files = data.scan_images(layout.images, nested=layout.nested)  # {name: relative path}
         if not self.files:
@@ -260,20 +260,29 @@ class Folder:
                 column = names.index("Male")
                 self.male = {stem: bool(table[row, column] > 0) for stem, row in index.items()}
 
+    def check_lines(self):
+        """A captions.jsonl line for an image that is not there: the mistake data.py refuses, said
+        now, before any model loads, rather than after hours of captioning."""
+        if self.layout.captions:
+            names = self.read_lines(self.captions_path, "concept").keys()
+            data.check_captions_name_existing_images(self.layout, names, self.files)
+
     def name(self, image: str) -> str:
         return data._relative_stem(image) if self.nested else data._stem(image)
 
     def mask_path(self, name: str) -> str:
         return os.path.join(self.masks_dir, name + ".png")
 
-    def read_lines(self, path: str) -> dict:
-        """{name: line} of a jsonl file's complete, parseable lines."""
+    def read_lines(self, path: str, field: str) -> dict:
+        """{name: line} of a jsonl file's complete lines that name an image and hold `field`."""
         lines = {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
-                        lines[self.name(json.loads(line)["image"])] = line.rstrip("\n")
+                        entry = json.loads(line)
+                        if isinstance(entry[field], str):
+                            lines[self.name(entry["image"])] = line.rstrip("\n")
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue  # the half-written last line of a killed run, or a user's broken line
         return lines
@@ -283,12 +292,12 @@ class Folder:
 
     def state(self):
         """(names with a caption line, names skipped earlier with why)."""
-        lines = self.read_lines(self.captions_path)
+        lines = self.read_lines(self.captions_path, "concept")
         for part in self.parts("captions"):
-            lines.update(self.read_lines(part))
+            lines.update(self.read_lines(part, "concept"))
         skipped = {}
         for part in self.parts("skipped"):
-            skipped.update({name: json.loads(line)["why"] for name, line in self.read_lines(part).items()})
+            skipped.update({name: json.loads(line)["why"] for name, line in self.read_lines(part, "why").items()})
         return lines, skipped
 
     def write_mask(self, name: str, mask: np.ndarray):
@@ -304,8 +313,8 @@ class Folder:
         parts = self.parts("captions")
         new = {}
         for part in parts:
-            new.update(self.read_lines(part))
-        kept = self.read_lines(self.captions_path)
+            new.update(self.read_lines(part, "concept"))
+        kept = self.read_lines(self.captions_path, "concept")
         added = sorted(new.keys() - kept.keys())
         if added:
             text = ""
@@ -374,6 +383,7 @@ def main(argv=None):
     if not concept:
         raise UserError("--concept is empty; name what the images show (dog, teddy bear) or pass auto")
     folder = Folder(args.data)
+    folder.check_lines()
     device, rank, world = setup_processes(args.device)
     try:
         run(args, folder, concept, device, rank, world)

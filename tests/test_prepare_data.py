@@ -326,6 +326,16 @@ def test_a_folder_without_images_is_one_sentence_before_any_model_loads(models, 
     assert os.listdir(tmp_path / "empty") == []
 
 
+def test_a_captions_line_for_a_missing_image_is_one_sentence_before_any_model_loads(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "check_models", lambda *a: pytest.fail("no model is looked at"))
+    folder = make_folder(tmp_path / "dogs")
+    text = json.dumps({"image": "park/gone.jpg", "captions": ["a dog", "the dog"], "concept": "dog"}) + "\n"
+    (folder / "captions.jsonl").write_text(text)
+    with pytest.raises(UserError, match=r"captions.jsonl has a line for park/gone, which is not an image in "):
+        prepare_data.main(argv(folder, models))
+    assert (folder / "captions.jsonl").read_text() == text and not (folder / ".prepare_data").exists()
+
+
 def test_a_captioner_that_is_not_image_to_text_is_one_sentence_before_any_model_loads(models, tmp_path):
     folder = make_folder(tmp_path / "dogs")
     args = argv(folder, models)
