@@ -217,9 +217,8 @@ def sentences(setting: str, subject: str, rng: random.Random) -> list[str]:
     return out
 
 
-def main():
+def main(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes.jsonl")):
     rng = random.Random(2025)  # the paper's year: any fixed seed, so the file is reproducible
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for setting in ACTIVITIES:
             for subject in SUBJECTS:
