@@ -392,13 +392,21 @@ def generate_batch(model, prompts: list[str], seeds: list[int], subjects, steps:
     return model.decode(x_0)
 
 
-def image_settings(args, weights: str, dtype: str, job: Job) -> dict:
+def file_digest(path: str) -> str:
+    """SHA-256 of a file (a mapper is a few MB): a mapper retrained in place is a new mapper."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def image_settings(args, weights: str, dtype: str, mapper_sha: str | None, job: Job) -> dict:
     """Everything that decides an image's pixels, stored in its PNG: a rerun with the same
-    settings finds them and skips the image."""
+    settings finds them and skips the image. (SDXL's 7 GB are named by path, not hashed.)"""
     return dict(prompt=job.prompt, seed=job.seed, code=job.code, concept=job.subject if job.code is not None else None,
                 steps=args.steps, guidance=args.guidance, eta=args.eta, width=args.width, height=args.height,
                 weights=os.path.abspath(weights), vae=args.vae and os.path.abspath(args.vae),
-                mapper=os.path.abspath(args.mapper) if job.code is not None else None, dtype=dtype)
+                mapper_sha256=mapper_sha if job.code is not None else None, dtype=dtype)
 
 
 def already_made(path: str, settings: dict) -> bool:
@@ -411,11 +419,14 @@ def already_made(path: str, settings: dict) -> bool:
 
 def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype, rank=0, world=1) -> int:
     """Make the images of `jobs` this process owns (every world-th) that are not on disk yet; returns how many."""
+    from model import mapper
     from model.sdxl import SDXL
 
+    mine = jobs[rank::world]
+    mapper_sha = file_digest(mapper_file(args.mapper)) if any(job.code is not None for job in mine) else None
     todo = []
-    for job in jobs[rank::world]:
-        settings = image_settings(args, weights, str(dtype).replace("torch.", ""), job)
+    for job in mine:
+        settings = image_settings(args, weights, str(dtype).replace("torch.", ""), mapper_sha, job)
         if not already_made(os.path.join(images_dir, job.path), settings):
             todo.append((job, settings))
     if not todo:
@@ -424,9 +435,7 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
     if args.compile:
         model.compile(args.compile)
     f = None
-    if any(job.code is not None for job, _ in todo):
-        from model import mapper
-
+    if mapper_sha is not None:
         f = mapper.load_mapper(mapper_file(args.mapper), device=device)
         widths = (model.clip_l.config.width, model.clip_g.config.width)
         if tuple(f.config.token_widths) != widths:
@@ -437,8 +446,6 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
         batch = todo[n:n + args.batch_size]
         subjects = None
         if f is not None:
-            from model import mapper
-
             # z_k from code k (model/mapper.py), then w = f(z): one pseudo-word pair per image.
             z = torch.stack([mapper.code_to_z(job.code, f.config.z_dim) for job, _ in batch]).to(device)
             w_l, w_g = f(z)
@@ -791,7 +798,11 @@ def main(argv=None) -> dict:
         os.makedirs(images_dir, exist_ok=True)
         made = generate(args, jobs, images_dir, weights, device, dtype, rank, world)
         if world > 1:
-            dist.barrier()  # every process's images are on disk before rank 0 scores them
+            # The sum over processes; and since all_reduce waits for every process, every image
+            # is on disk before rank 0 scores them.
+            count = torch.tensor([made], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(count)
+            made = int(count)
             dist.destroy_process_group()
         if rank != 0:
             return {}

@@ -319,6 +319,22 @@ def test_no_code_is_plain_sdxl_on_the_same_prompts_and_seeds(tiny):
     assert np.abs(ev.read_rgb(path).astype(int) - plain).max() <= 1
 
 
+def test_torchrun_splits_generation_and_scores_every_image_once(tiny):
+    """Two CPU processes (gloo): each makes its share, rank 0 scores all of them."""
+    import subprocess
+    import sys
+
+    out = tiny.root / "torchrun"
+    env = {**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "eval.py"),
+                        *eval_args(tiny, out, "--set", "scenes", "--codes", 1)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["generated"] == 10 and metrics["rows"]["all"]["images"] == 10
+    assert len(list((out / "images").rglob("*.png"))) == 10 and not list((out / "images").rglob("*.tmp"))
+
+
 def test_images_mode_scores_other_methods_folders_with_the_same_code(tiny, tmp_path):
     folder = tmp_path / "other_method"
     prompts = {}
