@@ -265,7 +265,8 @@ def load_dreamsim(device):
 def dreamsim_embeddings(dreamsim_model, images: list[np.ndarray]) -> list[Tensor]:
     model, preprocess = dreamsim_model
     device = next(model.parameters()).device
-    return [model.embed(preprocess(Image.fromarray(x)).to(device))[0].double().cpu() for x in images]
+    # One image at a time; embed() squeezes a batch of one to (D,) in some versions: reshape(-1) either way.
+    return [model.embed(preprocess(Image.fromarray(x)).to(device)).reshape(-1).double().cpu() for x in images]
 
 
 # ----------------------------------------------------------------------------------------------
