@@ -14,7 +14,7 @@ face embedding of the largest face in x_{k,i} (images with no face are counted a
     Face Sim = mean_k  mean_{i<j} cos(e_{k,i}, e_{k,j})             consistency within an identity
     Face Div = 1 − mean_{k<l} cos(ē_k, ē_l),   ē_k = mean_i e_{k,i}    diversity between identities
     CLIP-T   = mean_{k,i} cos(CLIP_image(x_{k,i}), CLIP_text(prompt_{k,i}))   prompt fidelity (raw cosine)
-    DreamSim = mean_k  mean_{i<j} (1 − d(x_{k,i}, x_{k,j}))           whole-image subject similarity
+    DreamSim = mean_k  mean_{i<j} (1 − d(x_{k,i}, x_{k,j}))           whole-image similarity, d = DreamSim distance
 
 Identities with one usable image have no pair and are left out of Face Sim and DreamSim; each
 mean is over the identities that have what it needs. Numbers are reported over all identities
@@ -32,7 +32,7 @@ codes, so `--no-code` reuses the same prompts and seeds without pseudo-words and
 that index: its Face Sim is the chance similarity of random people, the floor any consistency
 method must clear.
 
-Generated images go to OUT/images/<subject>-<code>/<m>-seed<seed>.png with OUT/images/prompts.json,
+Generated images go to OUT/images/<subject>-code<N>/<m>-seed<seed>.png with OUT/images/prompts.json,
 the very layout `--images DIR` scores, so images of other methods are scored by the same code.
 
 Read this file after sample.py: it reuses the pipeline (model/sdxl.py), the mapper
@@ -40,6 +40,7 @@ Read this file after sample.py: it reuses the pipeline (model/sdxl.py), the mapp
 """
 
 import argparse
+import functools
 import glob
 import importlib.util
 import itertools
@@ -58,7 +59,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model import attention, clip
-from model.checkpoint import CheckpointError, UserError
+from model.checkpoint import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,8 +154,8 @@ class DlibFaces:
 
 
 class ArcFaces:
-    """ArcFace as the paper measures it, through insightface's `buffalo_l` pack: RetinaFace
-    detector (SCRFD-10G), 5-point alignment to 112 px, ResNet-50 ArcFace (WebFace600K), 512-d.
+    """ArcFace as the paper measures it, through insightface's `buffalo_l` pack: the SCRFD-10GF
+    detector, 5-point alignment to 112 px, a ResNet-50 ArcFace trained on WebFace600K, 512-d.
     insightface downloads the pack into ~/.insightface on first use."""
 
     name = "arcface"
@@ -230,11 +231,17 @@ def load_clip(path: str, device, dtype=torch.float32) -> clip.CLIPModel:
     return clip.build_clip_model(clip.clip_from_transformers(sd, f"--clip {path}"))
 
 
+@functools.cache
+def clip_tokenizer() -> clip.Tokenizer:
+    """openai/clip-vit-large-patch14's tokenizer: CLIP's BPE padding with EOS, as SDXL's CLIP-L (read once)."""
+    return clip.Tokenizer.bundled(pad="eos")
+
+
 @torch.no_grad()
 def clip_embeddings(model: clip.CLIPModel, images: list[np.ndarray], prompts: list[str], batch: int = 16):
     """(image embeddings (N, P), text embeddings (N, P)) in float32 on the CPU."""
     device = model.visual_projection.weight.device
-    tokenizer = clip.Tokenizer.bundled(pad="eos")  # openai/clip-vit-large-patch14 pads with EOS, as SDXL's CLIP-L
+    tokenizer = clip_tokenizer()
     size = model.vision_config.image_size
     img, txt = [], []
     for n in range(0, len(images), batch):
