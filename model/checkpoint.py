@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer
+from model.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer
 from model.errors import UserError
 from model.mapper import Mapper, MapperConfig
 from model.unet import UNet, UNetConfig
@@ -619,3 +619,58 @@ def load_mapper(path: str, device="cpu") -> Mapper:
     mapper = Mapper(config, [(torch.zeros(D), torch.ones(D)) for D in config.token_widths])
     state = dict(stream_tensors(path, read_shapes(path), device=device))
     return load_strict(mapper.to(device), state, "mapper")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP ViT-L/14 whole (CLIP-T, eval.py): the Hugging Face openai/clip-vit-large-patch14 layout
+# ----------------------------------------------------------------------------------------------
+
+
+# Tensors a transformers CLIPModel file carries that our CLIPModel deliberately does not have:
+# - `logit_scale`: CLIP's training temperature; CLIP-T is the raw cosine, so it is never read;
+# - `*.position_ids`: transformers' buffers of the constants 0..76 and 0..256 (older saves only).
+CLIP_IGNORED = ("logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+# What a file must hold to be CLIP (text and image towers and both projections).
+_CLIP_SIGNATURE = ("text_model.embeddings.token_embedding.weight", "vision_model.embeddings.class_embedding",
+                   "visual_projection.weight", "text_projection.weight")
+
+
+def clip_from_transformers(sd: dict[str, torch.Tensor], source: str = "the CLIP weights") -> dict[str, torch.Tensor]:
+    """Hugging Face `openai/clip-vit-large-patch14` (transformers CLIPModel) names -> our CLIPModel names.
+
+    The two layouts name every tensor alike, so the map is the identity after dropping the
+    documented CLIP_IGNORED keys; it lives here, in one function, so that a layout that ever
+    differs has one place to go. Anything that is not a whole CLIP fails in one sentence."""
+    missing = [k for k in _CLIP_SIGNATURE if k not in sd]
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a CLIP model in the Hugging Face openai/clip-vit-large-patch14 layout "
+            f"(no tensor {missing[0]}); pass --clip the folder or model.safetensors of that model"
+        )
+    return {k: v for k, v in sd.items() if k not in CLIP_IGNORED}
+
+
+def clip_config_from_state_dict(shapes: dict[str, tuple]) -> tuple[CLIPTextConfig, CLIPVisionConfig, int]:
+    """(text config, vision config, projection width) from our CLIPModel's tensor names and shapes."""
+    width = shapes["vision_model.embeddings.class_embedding"][0]
+    patch = shapes["vision_model.embeddings.patch_embedding.weight"][-1]
+    num_positions = shapes["vision_model.embeddings.position_embedding.weight"][0]
+    vision = CLIPVisionConfig(
+        # positions = (S / patch)² + 1  =>  S = patch·√(positions − 1)
+        image_size=patch * round((num_positions - 1) ** 0.5),
+        patch_size=patch,
+        width=width,
+        layers=_count(shapes, "vision_model.encoder.layers."),
+        heads=width // 64,  # heads 64 wide, as in every CLIP here
+        mlp_width=shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
+    )
+    projection_dim = shapes["visual_projection.weight"][0]
+    return config_from_shapes("clip_l", shapes), vision, projection_dim
+
+
+def build_clip_model(sd: dict[str, torch.Tensor]) -> CLIPModel:
+    """Our CLIPModel from our names (after `clip_from_transformers`): built on meta, assigned strictly."""
+    text, vision, projection_dim = clip_config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    with torch.device("meta"):
+        model = CLIPModel(text, vision, projection_dim)
+    return load_strict(model, sd, "CLIP ViT-L/14")
