@@ -394,8 +394,8 @@ def generate_batch(model, prompts: list[str], seeds: list[int], subjects, steps:
                                   cond["pooled"], cond["time_ids"]).float().chunk(2)
         return eps_c, eps_u
 
-    generators = ddim.generators(list(seeds))
-    x_T = ddim.initial_noise(generators, (B, 4, height // 8, width // 8), model.device, torch.float32)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    x_T = ddim.randn((B, 4, height // 8, width // 8), generators, model.device, torch.float32)
     x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generators)
     return model.decode(x_0)
 

@@ -124,11 +124,15 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_ba
 # ---------------------------------------------------------------------------------------------
 
 
-def randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, device, dtype) -> torch.Tensor:
     """Standard normal noise as diffusers' `randn_tensor` draws it from one generator: on the
     generator's device (None: the global RNG, on `device`), in `dtype`, then moved to `device`.
     model/sdxl.py draws x_T so from `torch.Generator("cpu").manual_seed(seed)`, and the same seed
-    gives a diffusers user the same starting latents. DDIM's initial noise scale is 1."""
+    gives a diffusers user the same starting latents. DDIM's initial noise scale is 1.
+    A list of generators, one per batch row, draws each row as that image alone would be drawn
+    (a batch of independent images, as eval.py makes them)."""
+    if isinstance(generator, list):
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     # PITFALL: the numbers depend on how they are drawn, not only on the seed: drawing on the
     # GPU, or in float32 and then casting, gives other numbers for the same seed.
     draw_device = generator.device if generator is not None else device
@@ -144,7 +148,7 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor 
 
 @torch.no_grad()
 def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, eta: float = 0.0,
-           generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+           generator: torch.Generator | list[torch.Generator] | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: x_T (B, C, h, w) → x_0, same shape and dtype.
 
     Contract of `eps_fn(x_t, t) -> (eps_cond, eps_uncond)`:
@@ -157,7 +161,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, et
         and skip the unconditional half. (diffusers also ignores guidance scales below 1; here
         the guidance formula holds for every s ≠ 1.)
     `generator` feeds the η > 0 noise: pass the generator that drew x_T to reproduce diffusers'
-    DDIMScheduler with the same generator; None uses the global RNG.
+    DDIMScheduler with the same generator (a list: one per image, see `randn`); None uses the global RNG.
     The loop never synchronises host and device (no `.item()`, no per-step host→device copy)."""
     if not 0 <= eta <= 1:
         raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise), got {eta}")

@@ -140,8 +140,8 @@ def generate(model: SDXL, jobs: list[dict], mapper=None, steps: int = 20, guidan
             return model.unet(torch.cat([x_t, x_t]), t.repeat(2), context, pooled, time_ids).float().chunk(2)
 
         # x_T: each image its own seed, drawn as SDXL.generate draws one image's noise.
-        x_T = torch.cat([ddim.randn((1, 4, size // 8, size // 8), torch.Generator().manual_seed(j["seed"]), model.device,
-                                    torch.float32) for j in chunk])
+        x_T = ddim.randn((B, 4, size // 8, size // 8), [torch.Generator().manual_seed(j["seed"]) for j in chunk],
+                         model.device, torch.float32)
         x_0 = ddim.sample(eps_fn, x_T, steps, guidance)
         out.append(torch.from_numpy(model.decode(x_0)).permute(0, 3, 1, 2))
     return torch.cat(out)
