@@ -211,6 +211,7 @@ def main(argv=None):
 
     print(f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     model = SDXL.load(weights, device="cpu" if args.offload else device, dtype=dtype, vae_path=args.vae)
+    speed.save_memory(model.unet, model.vae)
     if args.offload:
         speed.enable_offload(model, device)
     if args.compile:
