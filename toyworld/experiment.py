@@ -60,22 +60,23 @@ class Row:
 FULL = Row("CoCoIns (full)", table="main", paper=(0.600, 0.799))
 ROWS = [
     FULL,
+    # First what tells why the full method does what it does: the weight of the negative term.
+    Row("γ / 10", ("--gamma", "0.0001"), "choices"),
     # Table 3: the consistency loss
     Row("Pos", ("--gamma", "0"), "table3", (0.394, 0.500)),
     Row("Pos + Neg (constant weight)", ("--beta", "0"), "table3", (0.492, 0.750)),
     Row("Pos + Neg (subtract)", ("--negative", "subtract"), "table3", (0.380, 0.444)),
+    # Open choices the paper leaves to us
+    Row("Masked distance normalised by area", ("--mask-reduction", "area"), "choices"),
+    Row("γ x 10", ("--gamma", "0.01"), "choices"),
+    Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices"),
+    Row("Sampling's size/crop conditioning in training", ("--time-ids", "sampling"), "choices"),
     # Table 4: mask and background loss
     Row("Consistency loss, no mask", ("--mask", "none"), "table4", (0.444, 0.395)),
     Row("+ Mask (no background loss)", ("--lambda-back", "0"), "table4", (0.619, 0.352)),
     # Table 5: how the positive is made
     Row("Same prompts, different noise", ("--positive-prompt", "same"), "table5", (0.548, 0.686)),
     Row("Different prompts, same noise", ("--positive-noise", "same"), "table5", (0.306, 0.772)),
-    # Open choices the paper leaves to us
-    Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices"),
-    Row("Masked distance normalised by area", ("--mask-reduction", "area"), "choices"),
-    Row("Sampling's size/crop conditioning in training", ("--time-ids", "sampling"), "choices"),
-    Row("γ x 10", ("--gamma", "0.01"), "choices"),
-    Row("γ / 10", ("--gamma", "0.0001"), "choices"),
 ]
 # Where each paper table's full-method row sits (the full method is the last row of each table).
 PAPER_FULL = (0.600, 0.799)
@@ -488,7 +489,8 @@ def verdicts(dataset: dict, base_rows: list[dict], full_rows: list[dict]) -> lis
     return [
         (f"identity agreement ≥ 0.8 x the dataset's ({0.8 * dataset['identity_agreement']:.3f})",
          ia >= 0.8 * dataset["identity_agreement"], f"{ia:.3f}"),
-        (f"Face Sim above the base model's by more than 10 x the spread over seeds (10 x {spread:.4f})",
+        (f"Face Sim above the base model's by more than 10 x the spread over seeds (10 x {spread:.4f})"
+         if len(full_rows) > 1 else "Face Sim above the base model's (one seed: the spread over seeds is not measured)",
          fs - bs > 10 * spread, f"{fs:.3f} vs {bs:.3f}"),
         (f"Face Div ≥ 0.9 x the dataset's ({0.9 * dataset['face_div']:.3f})", fd >= 0.9 * dataset["face_div"], f"{fd:.3f}"),
         ("scene accuracy within 5 points of the base model's", abs(sa - sb) <= 0.05, f"{sa:.3f} vs {sb:.3f}"),
@@ -601,11 +603,14 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"), help="where the world, the models and the runs are kept (rerun skips what exists)")
     p.add_argument("--results", default=os.path.join(ROOT, "toyworld", "RESULTS.md"), help="the report to write")
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/ beside --results)")
+    p.add_argument("--mapper-seeds", type=int, default=0, help="seeds of the base-model and full-CoCoIns rows (0: the scale's, 3 at full scale)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
+    if args.mapper_seeds:
+        scale = replace(scale, mapper_seeds=args.mapper_seeds)
     figures = args.figures or os.path.join(os.path.dirname(os.path.abspath(args.results)), "figures")
     exp = Experiment(scale, args.work, figures)
     t0 = time.time()
@@ -635,7 +640,7 @@ def main(argv=None) -> None:
     line_plot({k: [(c["step"], c[k]) for c in facts["curve"]] for k in ("face_sim", "face_div", "identity_agreement")},
               os.path.join(figures, "curve_face_sim.png"), "Face Sim / Face Div / agreement over training", "value")
     command = "python -m toyworld" + (f" --scale {args.scale}" if args.scale != "full" else "") + (
-        f" --rows {args.rows}" if args.rows != "all" else "")
+        f" --rows {args.rows}" if args.rows != "all" else "") + (f" --mapper-seeds {args.mapper_seeds}" if args.mapper_seeds else "")
     facts["figures"] = figures
     facts["machine"] = f"{torch.get_num_threads()} CPU threads"
 
