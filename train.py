@@ -60,7 +60,7 @@ from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, l
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
 from model import attention, clip, ddim, speed
-from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, save_mapper
+from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
 from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
@@ -132,6 +132,7 @@ def parse_args(argv=None):
     # drift by their own size over the run when the gradient is consistent, and far less when it is noise.
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
+    p.add_argument("--init-mapper", default=None, help="start f from a trained mapper (its mapper.safetensors, or a train.py run folder) instead of a fresh one: the paper's route to a new concept; its z-dim/depth/hidden/norm are the file's, its widths must match --weights' text encoders")
     p.add_argument("--z-dim", type=int, default=mapper_defaults.z_dim, help="c, the width of the latent code z")
     p.add_argument("--depth", type=int, default=mapper_defaults.depth, help="n, the number of linear layers of f")
     p.add_argument("--hidden", type=int, default=mapper_defaults.hidden, help="width of f's hidden layers")
@@ -320,6 +321,9 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     weights = args.weights or find_default_weights()
     if weights is None:
         raise UserError(MISSING_WEIGHTS)
+    # --init-mapper is read now (a few MB), so a wrong path fails before the big load; a resumed
+    # run continues its own f instead.
+    init = load_mapper(init_mapper_file(args.init_mapper)) if args.init_mapper and state is None else None
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
     dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
@@ -333,7 +337,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     say(rank, f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})")
     model = load_frozen_sdxl(args, weights, device, dtype)
     say(rank, f"VAE latents cached in {attach_latent_cache(dataset, model, args, dtype).dir}")
-    f = new_mapper(model, args)
+    f = new_mapper(model, args) if init is None else start_from(init, model)
     # AdamW on f alone: nothing else is handed to the optimizer, so nothing else can change.
     optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
@@ -467,6 +471,23 @@ def new_mapper(model: SDXL, args) -> Mapper:
                           token_widths=(model.clip_l.config.width, model.clip_g.config.width))
     tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
     return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
+
+
+def init_mapper_file(path: str) -> str:
+    """--init-mapper: the file, or a run folder holding mapper.safetensors."""
+    file = os.path.join(path, "mapper.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"--init-mapper {path}: no mapper there; pass a mapper.safetensors or a train.py run folder")
+    return file
+
+
+def start_from(init: Mapper, model: SDXL) -> Mapper:
+    """A trained f to continue from, if it was made for text encoders of these widths."""
+    widths = (model.clip_l.config.width, model.clip_g.config.width)
+    if tuple(init.config.token_widths) != widths:
+        raise UserError(f"--init-mapper was trained for text encoders {tuple(init.config.token_widths)} wide, but "
+                        f"these weights' encoders are {widths} wide; start from a mapper trained on the same SDXL")
+    return init.to(model.device).train().requires_grad_(True)
 
 
 def step_numbers(terms: LossTerms, f: Mapper, world: int) -> dict[str, float]:

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -746,3 +747,39 @@ def test_a_saved_mapper_keeps_its_norm_and_one_saved_before_the_field_loads_as_l
     loaded = load_mapper(str(tmp_path / "old.safetensors"))
     z = torch.randn(2, 8)
     assert loaded.config.norm == "layernorm" and torch.equal(loaded(z)[1], old(z)[1])
+
+
+def test_init_mapper_starts_from_the_given_weights_as_the_first_steps_loss_shows(tiny, tmp_path, monkeypatch):
+    from model.checkpoint import load_mapper
+
+    def first_loss(out):
+        with open(out / "log.jsonl") as fh:
+            return json.loads(fh.readline())["loss"]
+
+    train.main(argv(tiny, tmp_path / "a", steps=2))  # a trained mapper to start from
+    given = tmp_path / "a" / "mapper.safetensors"
+    train.main(argv(tiny, tmp_path / "b", "--init-mapper", tmp_path / "a", steps=1))
+    train.main(argv(tiny, tmp_path / "c", steps=1))  # same seed, fresh f
+    # The same run with new_mapper swapped for the given weights: what --init-mapper must equal.
+    monkeypatch.setattr(train, "new_mapper", lambda model, args: load_mapper(str(given)).train().requires_grad_(True))
+    train.main(argv(tiny, tmp_path / "d", steps=1))
+    assert first_loss(tmp_path / "b") == first_loss(tmp_path / "d")
+    assert first_loss(tmp_path / "b") != first_loss(tmp_path / "c")
+
+
+def test_init_mapper_that_is_missing_or_for_other_encoders_is_one_sentence(tiny, tmp_path):
+    from model.checkpoint import load_mapper, save_mapper
+    from model.mapper import Mapper
+
+    with pytest.raises(UserError, match="no mapper there"):
+        train.main(argv(tiny, tmp_path / "x", "--init-mapper", tmp_path / "nothing", steps=1))
+    other = load_mapper(str(_any_mapper(tiny, tmp_path)))
+    wide = Mapper(replace(other.config, token_widths=(32, 48)), [(torch.zeros(32), torch.ones(32)), (torch.zeros(48), torch.ones(48))])
+    save_mapper(str(tmp_path / "wide.safetensors"), wide)
+    with pytest.raises(UserError, match="encoders .* wide"):
+        train.main(argv(tiny, tmp_path / "y", "--init-mapper", tmp_path / "wide.safetensors", steps=1))
+
+
+def _any_mapper(tiny, tmp_path):
+    train.main(argv(tiny, tmp_path / "any", steps=1))
+    return tmp_path / "any" / "mapper.safetensors"
