@@ -27,7 +27,7 @@ divided by the mask's area C·Σm (a small subject then weighs as much as a larg
 computed per sample (the reciprocal too) and then averaged over the batch, so one easy negative
 cannot hide a collapsed one.
 
-Read next: train.py.
+Read next: data.py (where the images, captions and masks come from).
 """
 
 from dataclasses import dataclass
@@ -140,12 +140,6 @@ def _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps, negative="reciproca
     else:
         raise UserError(f"unknown negative term {negative!r}; choose one of {', '.join(NEGATIVES)}")
     return d_pos.mean(), l_neg, d_neg.mean()
-
-
-def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg: float, dist: str = "l2", eps: float = 1e-4) -> Tensor:
-    """L_con = d_m(x̂*, x̂+) + λ_neg / (d_m(x̂*, x̂-) + ε)   (eq. 7), averaged over the batch."""
-    l_pos, l_neg, _ = _contrastive_terms(x_anchor, x_pos, x_neg, m, dist, eps)
-    return l_pos + lambda_neg * l_neg
 
 
 # -- the background term L_back ------------------------------------------------------------------

@@ -5,7 +5,7 @@
     python sample.py --prompt "a lighthouse at dawn"                    # plain SDXL, no code
 
 The same --code gives the same person in any prompt and on any seed. Every image is saved as a
-PNG carrying its full generation parameters as PNG text; several images also get a contact
+PNG carrying its full generation parameters as PNG text; several images also get a labelled contact
 sheet (rows = prompts, columns = seeds), the paper's way of showing one subject everywhere.
 
 Read this file last: it only parses flags and calls model/sdxl.py and model/mapper.py.
@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from model import attention, ddim
+from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
+from model import attention, checkpoint, ddim, speed
 from model.checkpoint import UserError
-from model.unet import COMPILE_MODES
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
 # --concept, the first of these found in the prompt is the concept.
@@ -32,26 +32,26 @@ DEFAULT_MAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weigh
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
     p.add_argument("--negative-prompt", default="", help="negative prompt; empty = SDXL base's zero conditioning")
     p.add_argument("--code", type=int, action="append", default=[], help="CoCoIns subject code (repeat for several subjects)")
-    p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order (default: the first of %s in the prompt)" % ", ".join(DEFAULT_CONCEPTS))
+    p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order; a word named twice goes before its occurrences in order (default: the words %s as the first prompt names them)" % "/".join(DEFAULT_CONCEPTS))
     p.add_argument("--seed", type=int, action="append", default=None, help="noise seed (repeat for several; default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds counting up from the first --seed")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 8 (SDXL was trained near 1024 x 1024 pixels in all)")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 8")
     p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache)")
     p.add_argument("--vae", default=None, help="replacement VAE (file or diffusers folder), e.g. the fp16-fix VAE")
-    p.add_argument("--mapper", default=DEFAULT_MAPPER, help="trained CoCoIns mapper (train.py writes RUN/mapper.safetensors)")
+    p.add_argument("--mapper", default=None, help="trained CoCoIns mapper: the file, or a train.py run folder (default: weights/mapper.safetensors in this project)")
     p.add_argument("--out", default="out", help="a .png file (one image) or a folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile: alone or `regional`, the UNet's repeated blocks (seconds to compile); "
                         "`full`, the whole UNet and the VAE decoder (minutes to compile, fastest after)")
     p.add_argument("--offload", action="store_true",
@@ -59,44 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay a recorded CUDA graph of the UNet step instead of launching its kernels one by one "
                         "(CUDA only, not with --offload; alone or with --compile)")
-    return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name} asked for Apple's MPS but this PyTorch or machine has none; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        # bfloat16 where the GPU computes in it (Ampere and later); float16 on older cards
-        # (V100, T4), where bfloat16 would be emulated. The VAE stays float32 under float16.
-        with torch.cuda.device(device):
-            try:
-                native = torch.cuda.is_bf16_supported(including_emulation=False)
-            except TypeError:  # PyTorch before 2.4
-                native = torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if native else torch.float16
-    return getattr(torch, name)
+    args = p.parse_args(argv)
+    args.mapper = args.mapper or DEFAULT_MAPPER
+    return args
 
 
 def seeds_from(args) -> list[int]:
@@ -136,14 +101,6 @@ def output_paths(out: str, n: int, names: list[str]) -> list[str]:
     if not os.access(folder, os.W_OK):
         raise UserError(f"--out {out}: the folder {folder} is not writable; choose another --out")
     return [out] if one_file else [os.path.join(out, name) for name in names]
-
-
-def contact_sheet(images, rows: int, cols: int) -> Image.Image:
-    h, w = images[0].shape[:2]
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for k, img in enumerate(images):
-        sheet.paste(Image.fromarray(img), ((k % cols) * w, (k // cols) * h))
-    return sheet
 
 
 def subject_concepts(args, prompts) -> list[str]:
@@ -222,7 +179,8 @@ def subjects_from_codes(codes, concepts, f, model, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model.sdxl import MISSING_WEIGHTS, SDXL, check_cuda_graphs, check_size, find_default_weights
+    from model.checkpoint import MISSING_WEIGHTS, find_default_weights
+    from model.sdxl import SDXL, check_size
 
     prompts = args.prompt
     if not prompts or any(not p.strip() for p in prompts):
@@ -237,7 +195,7 @@ def main(argv=None):
         raise UserError(MISSING_WEIGHTS)
     # Check what can be checked before spending a minute loading 7 GB.
     if args.cuda_graphs:
-        check_cuda_graphs(device, args.offload)
+        speed.check_cuda_graphs(device, args.offload)
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
     if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
@@ -245,9 +203,7 @@ def main(argv=None):
     concepts = subject_concepts(args, prompts)
     f = None
     if args.code:
-        from model import mapper
-
-        f = mapper.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
+        f = checkpoint.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
              for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds)]
@@ -255,12 +211,13 @@ def main(argv=None):
 
     print(f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     model = SDXL.load(weights, device="cpu" if args.offload else device, dtype=dtype, vae_path=args.vae)
+    speed.save_memory(model.unet, model.vae)
     if args.offload:
-        model.enable_offload(device)
+        speed.enable_offload(model, device)
     if args.compile:
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     if args.cuda_graphs:
-        model.enable_cuda_graphs()
+        speed.enable_cuda_graphs(model)
     subjects = subjects_from_codes(args.code, concepts, f, model, dtype) if args.code else None
 
     images = []
@@ -296,7 +253,12 @@ def main(argv=None):
             k += 1
     if len(images) > 1 and not args.out.lower().endswith(".png"):
         sheet = os.path.join(args.out, "contact_sheet.png")
-        contact_sheet(images, len(prompts), len(seeds)).save(sheet)
+        subjects_named = "".join(f", code {c} ({s[2]})" for c, s in zip(args.code, subjects or []))
+        title = f"rows are prompts, columns are seeds{subjects_named}"
+        labelled_grid(images, prompts, [f"seed {s}" for s in seeds], title).save(
+            sheet, pnginfo=grid_info("prompt", prompts, "seed", seeds, code=args.code,
+                                     concept=[s[2] for s in subjects or []], steps=args.steps,
+                                     guidance=args.guidance, width=args.width, height=args.height))
         print(sheet)
 
 

@@ -26,8 +26,13 @@ A run folder (--out) holds:
     state.pt                    everything --resume needs: f, AdamW, step, data position, RNG states
     log.jsonl                   one line of loss terms per step
     samples/step_XXXXXX.png     fixed codes (rows) in fixed prompts (columns), to watch consistency emerge
-Both checkpoint files are replaced atomically, every --checkpoint-every steps and at the end.
-VAE latents are computed once and cached (--cache-dir), keyed by the VAE's weights.
+Both checkpoint files are replaced atomically, every --checkpoint-every steps, at the end, and
+when Ctrl-C or SIGTERM stops the run. VAE latents are computed once and cached (--cache-dir),
+keyed by the VAE's weights.
+
+The file reads top to bottom: the command line, the CoCoIns step (eq. 5-9), the training loop
+that calls it, then the helpers the loop leans on (processes, data, checkpoints, the log, sample
+grids, stopping).
 
 Read next: sample.py (using the trained mapper).
 """
@@ -38,26 +43,27 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
-import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, labelled_grid, pick_device, pick_dtype
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
-from model import attention, clip, ddim
-from model.checkpoint import UserError
-from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept, save_mapper
-from model.sdxl import MISSING_WEIGHTS, SDXL, find_default_weights
-from model.unet import COMPILE_MODES
+from model import attention, clip, ddim, speed
+from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
+from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
+from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
-from sample import pick_device, pick_dtype
 
 # What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
 # the same every time, so the grids of successive steps compare cell by cell. A trained f gives
@@ -105,15 +111,8 @@ METHOD_DEFAULTS = {
 # ----------------------------------------------------------------------------------------------
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default in --help, except the empty ones (None, False) that say nothing."""
-
-    def _get_help_string(self, action):
-        empty = action.default is None or action.default is False  # `in (None, False)` would hide a 0
-        return action.help if empty else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
+    """The flags, each number checked once, here, with one sentence, before anything is loaded."""
     mapper_defaults, loss_defaults = MapperConfig(), LossConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="CelebA or CelebA-HQ folder, in any layout data.py reads")
@@ -133,6 +132,7 @@ def parse_args(argv=None):
     # drift by their own size over the run when the gradient is consistent, and far less when it is noise.
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (PyTorch's default)")
+    p.add_argument("--init-mapper", default=None, help="start f from a trained mapper (its mapper.safetensors, or a train.py run folder) instead of a fresh one: the paper's route to a new concept; its z-dim/depth/hidden/norm are the file's, its widths must match --weights' text encoders")
     p.add_argument("--z-dim", type=int, default=mapper_defaults.z_dim, help="c, the width of the latent code z")
     p.add_argument("--depth", type=int, default=mapper_defaults.depth, help="n, the number of linear layers of f")
     p.add_argument("--hidden", type=int, default=mapper_defaults.hidden, help="width of f's hidden layers")
@@ -159,22 +159,19 @@ def parse_args(argv=None):
     # pseudo-word decides who appears and x̂₀ shows it.
     p.add_argument("--t-min", type=int, default=200, help="smallest training timestep (inclusive)")
     p.add_argument("--t-max", type=int, default=800, help="largest training timestep (exclusive, at most 1000)")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a killed run loses at most this many)")
-    p.add_argument("--sample-every", type=int, default=500, help=f"steps between sample grids in OUT/samples/ ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, {SAMPLE_STEPS} DDIM steps; 0 = never)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a killed run loses at most this many; Ctrl-C or SIGTERM saves the current step)")
+    p.add_argument("--sample-every", type=int, default=500, help=f"steps between sample grids in OUT/samples/ ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, {SAMPLE_STEPS} DDIM steps; 0 = never), at every multiple of it")
     p.add_argument("--seed", type=int, default=0, help="seed of f's initialisation, the codes, noises and timesteps, crops and captions")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (under torchrun: each process's own GPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="dtype of the frozen SDXL (auto = bfloat16 on CUDA, float32 elsewhere); f and the losses stay float32")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=f"dtype of the frozen SDXL ({DTYPE_HELP}); f and the losses stay float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's blocks in backward instead of storing them: far less memory, slower steps")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=COMPILE_MODES,
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile the UNet: alone or `regional`, its repeated blocks (seconds to compile); `full`, "
                         "the whole UNet (minutes to compile, fastest after); the grad and no-grad passes compile once each")
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per training process (0 = load in the main process)")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """The numbers a user can get wrong, each with one sentence, before anything is loaded."""
+    p.add_argument("--num-workers", type=int, default=default_workers(), help="DataLoader worker processes per training process (0 = load in the main process); by default min(4, cores − 1), this machine's count")
+    args = p.parse_args(argv)
+    # The numbers a user can get wrong, each with one sentence.
     positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--resolution": args.resolution,
                 "--checkpoint-every": args.checkpoint_every, "--z-dim": args.z_dim, "--depth": args.depth,
                 "--hidden": args.hidden, "--lr": args.lr}
@@ -192,10 +189,25 @@ def check_args(args):
     for flag, value in weights.items():
         if not (math.isfinite(value) and value >= 0):  # negative: a term's sign flips, or λ_neg decreases
             raise UserError(f"{flag} {value} must be a finite number >= 0")
+    return args
+
+
+def keep_method(args, saved_args: dict | None):
+    """Fill in the method flags (METHOD_DEFAULTS) not given: a new run's defaults, or on --resume
+    the run's own. A resume that names another value is refused: a run trained half with one
+    method and half with another is neither, and no ablation."""
+    for name, default in METHOD_DEFAULTS.items():
+        kept = default if saved_args is None else saved_args.get(name, default)  # older runs: the default
+        given = getattr(args, name)
+        if saved_args is not None and given is not None and given != kept:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: the run in {args.out} was trained with {flag} {kept}; a resumed run keeps "
+                            f"its method, so drop {flag} {given}, or start a new run with another --out")
+        setattr(args, name, kept if given is None else given)
 
 
 # ----------------------------------------------------------------------------------------------
-# The randomness of one step
+# The CoCoIns step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -224,27 +236,6 @@ def draw_noise(seed: int, rank: int, step: int, B: int, latent_shape, z_dim: int
     return StepNoise(z1, z2, eps1, eps2, t)
 
 
-# ----------------------------------------------------------------------------------------------
-# One training step
-# ----------------------------------------------------------------------------------------------
-
-
-def concept_survives_truncation(tok):
-    """A test for data.py's captions: does the concept word still stand whole in the 77-token
-    prompt after its pseudo-word is inserted? (A long captions.jsonl caption could push it past
-    the truncation point, which would otherwise end the run mid-way.)"""
-    def ok(caption: str, concept: str) -> bool:
-        concept_ids = tok.encode(concept)
-        try:
-            i = find_concept(tok([caption])[0].tolist(), concept_ids, word=concept, prompt=caption)
-        except UserError:
-            return False
-        # After insertion the concept occupies [i + 1, i + 1 + n), which must end before the EOS
-        # at position 76 at the latest.
-        return i + 1 + len(concept_ids) <= clip.CONTEXT_LENGTH - 1
-    return ok
-
-
 def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor, pooled: Tensor,
                time_ids: Tensor) -> Tensor:
     """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t from one UNet pass, in float32."""
@@ -257,7 +248,8 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
     """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
 
     x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
-    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β."""
+    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β;
+    `step_config` the triplet's ablations (the paper's triplets by default)."""
     device = model.device
     P1 = [p1 for p1, _ in batch["captions"]]
     # P2, the positive's caption (P1 again for Table 5's "same prompts")
@@ -303,8 +295,160 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the epoch's batches, latents from the cache
+# The run
 # ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
+    device, rank, world = setup_processes(args)
+    try:
+        with signals_stop_the_run():
+            train(args, argv, device, rank, world)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, argv: list[str], device: torch.device, rank: int, world: int):
+    # Cheap checks first: a wrong folder must not cost a minute of loading 7 GB.
+    check_run_folder(args)
+    if world > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    state = load_checkpoint(args.out) if args.resume else None
+    keep_method(args, state and state["args"])
+    weights = args.weights or find_default_weights()
+    if weights is None:
+        raise UserError(MISSING_WEIGHTS)
+    # --init-mapper is read now (a few MB), so a wrong path fails before the big load; a resumed
+    # run continues its own f instead.
+    init = load_mapper(init_mapper_file(args.init_mapper)) if args.init_mapper and state is None else None
+    dtype = pick_dtype(args.dtype, device)
+    attention.set_backend(args.attention)
+    dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
+                                seed=args.seed), caption_ok=concept_survives_truncation(clip.Tokenizer.bundled("eos")))
+    say(rank, dataset.summary)
+    steps_per_epoch = len(dataset) // world // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} usable images cannot fill one batch of {args.batch_size} on each of {world} "
+                        f"processes; lower --batch-size")
+
+    say(rank, f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})")
+    model = load_frozen_sdxl(args, weights, device, dtype)
+    say(rank, f"VAE latents cached in {attach_latent_cache(dataset, model, args, dtype).dir}")
+    f = new_mapper(model, args) if init is None else start_from(init, model)
+    # AdamW on f alone: nothing else is handed to the optimizer, so nothing else can change.
+    optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
+                             lambda_back=args.lambda_back, negative=args.negative, mask=args.mask,
+                             mask_reduction=args.mask_reduction)
+    step_config = StepConfig(positive_prompt=args.positive_prompt, positive_noise=args.positive_noise,
+                             time_ids=args.time_ids)
+    step, epoch, position, last_checkpoint = 0, 0, 0, None
+    if state is not None:
+        step, epoch, position, changed = resume(args, state, f, optimizer)
+        last_checkpoint = step
+        say(rank, f"resuming {args.out} at step {step}{changed}")
+    del state
+    ddp_f = wrap_ddp(f, device, world)
+    latent_shape = (4, args.resolution // 8, args.resolution // 8)
+    log = Log(run_files(args.out)["log.jsonl"], step, args.steps, rank)
+
+    try:
+        # the batches of the steps left (none when a resumed run is already done)
+        steps_left = max(args.steps - step, 0)
+        for epoch, position, batch in islice(batches(dataset, epoch, position, steps_per_epoch, args, rank, world,
+                                                     device), steps_left):
+            # The CoCoIns step (eq. 5-9) on this batch, its codes, noises and timesteps.
+            x0 = dataset.cache.fill(batch)
+            noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
+            try:
+                terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config, step_config)
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"out of GPU memory at --batch-size {args.batch_size} and --resolution "
+                                f"{args.resolution}; add --grad-checkpointing or lower --batch-size") from None
+            numbers = step_numbers(terms, f, world)
+            if not (math.isfinite(numbers["loss"]) and math.isfinite(numbers["grad_norm"])):
+                raise UserError(diverged(args, step + 1, numbers["loss"], numbers["grad_norm"], last_checkpoint))
+            # The update, its log line and its checkpoint happen whole: a Ctrl-C waits for them.
+            with signals_deferred():
+                optimizer.step()
+                step, position = step + 1, position + 1
+                log.write(step, numbers, terms.lambda_neg)
+                if step % args.checkpoint_every == 0 or step == args.steps:
+                    if rank == 0:
+                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
+                    last_checkpoint = step  # every rank knows it, for the NaN message
+            if rank == 0 and args.sample_every and step % args.sample_every == 0:
+                save_samples(model, f, args, step)
+    except KeyboardInterrupt:
+        log.close()  # the progress bar ends before the line that says where the run stopped
+        # Ctrl-C or SIGTERM: the steps done so far are kept, whether or not a checkpoint was due.
+        if rank == 0 and step > 0 and step != last_checkpoint:
+            save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
+        say(rank, stopped(argv, step))
+        raise
+    finally:
+        log.close()
+    say(rank, done(args))
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and models
+# ----------------------------------------------------------------------------------------------
+
+
+def say(rank: int, message: str):
+    if rank == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
+def setup_processes(args):
+    """(device, rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    device = pick_device(args.device)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device, rank, world
+
+
+def wrap_ddp(f: Mapper, device: torch.device, world: int):
+    """DDP wraps f alone: it averages f's gradients over the ranks; every rank holds the frozen SDXL."""
+    if world == 1:
+        return f
+    return torch.nn.parallel.DistributedDataParallel(f, device_ids=[device] if device.type == "cuda" else None)
+
+
+def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
+    model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
+    for module in (model.unet, model.vae, model.clip_l, model.clip_g):
+        module.requires_grad_(False)  # frozen: gradients pass through SDXL, never into it
+    model.unet.gradient_checkpointing = args.grad_checkpointing
+    speed.save_memory(model.unet, model.vae)
+    if args.compile:
+        # Static shapes (model/speed.py compile_unet): the 3B pass with gradients, the 2B pass
+        # without and the sampling batch each compile once, with the fastest kernels for their shape.
+        speed.compile(model, args.compile)
+    return model
+
+
+def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCache:
+    # A latent is the VAE's mean (not a sample: the cached latent *is* the latent), scaled for the UNet.
+    def encode(images):
+        return model.vae.encode(images.to(model.device)).mode() * SCALING_FACTOR
+
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
+    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model)}", f"dtype={dtype}",
+                                                    f"resolution={args.resolution}", "latent=mode*scaling_factor"])
+    return dataset.cache
 
 
 def vae_fingerprint(model: SDXL) -> str:
@@ -318,6 +462,76 @@ def vae_fingerprint(model: SDXL) -> str:
             h.update(name.encode())
             h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def new_mapper(model: SDXL, args) -> Mapper:
+    """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
+    torch.manual_seed(args.seed)
+    config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden, norm=args.mapper_norm,
+                          token_widths=(model.clip_l.config.width, model.clip_g.config.width))
+    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
+    return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
+
+
+def init_mapper_file(path: str) -> str:
+    """--init-mapper: the file, or a run folder holding mapper.safetensors."""
+    file = os.path.join(path, "mapper.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"--init-mapper {path}: no mapper there; pass a mapper.safetensors or a train.py run folder")
+    return file
+
+
+def start_from(init: Mapper, model: SDXL) -> Mapper:
+    """A trained f to continue from, if it was made for text encoders of these widths."""
+    widths = (model.clip_l.config.width, model.clip_g.config.width)
+    if tuple(init.config.token_widths) != widths:
+        raise UserError(f"--init-mapper was trained for text encoders {tuple(init.config.token_widths)} wide, but "
+                        f"these weights' encoders are {widths} wide; start from a mapper trained on the same SDXL")
+    return init.to(model.device).train().requires_grad_(True)
+
+
+def step_numbers(terms: LossTerms, f: Mapper, world: int) -> dict[str, float]:
+    """The step's logged numbers, averaged over the ranks (the step's one sync), ‖∇f‖ among them."""
+    # ‖∇f‖, for the log and as a finiteness check of every gradient (nothing is clipped).
+    grad_norm = torch.nn.utils.clip_grad_norm_(f.parameters(), float("inf"))
+    values = torch.stack([terms.total, terms.l_con, terms.l_pos, terms.l_neg, terms.d_neg, terms.l_back,
+                          grad_norm]).detach().float()
+    if world > 1:
+        dist.all_reduce(values)  # every rank logs, and stops on, the same numbers
+        values /= world
+    return dict(zip(("loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "grad_norm"), values.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the epochs' batches, latents from the cache
+# ----------------------------------------------------------------------------------------------
+
+
+def concept_survives_truncation(tok):
+    """A test for data.py's captions: does the concept word still stand whole in the 77-token
+    prompt after its pseudo-word is inserted? (A long captions.jsonl caption could push it past
+    the truncation point, which would otherwise end the run mid-way.)"""
+    def ok(caption: str, concept: str) -> bool:
+        concept_ids = tok.encode(concept)
+        try:
+            i = find_concept(tok([caption])[0].tolist(), concept_ids, word=concept, prompt=caption)
+        except UserError:
+            return False
+        # After insertion the concept occupies [i + 1, i + 1 + n), which must end before the EOS
+        # at position 76 at the latest.
+        return i + 1 + len(concept_ids) <= clip.CONTEXT_LENGTH - 1
+    return ok
+
+
+def batches(dataset: CelebA, epoch: int, position: int, steps_per_epoch: int, args, rank: int, world: int,
+            device: torch.device):
+    """(epoch, position, batch) from batch `position` of `epoch` on, epoch after epoch, without end."""
+    while True:
+        if position >= steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        for batch in worker_errors(make_loader(dataset, epoch, position, args, rank, world, device.type == "cuda")):
+            yield epoch, position, batch
+            position += 1
 
 
 def make_loader(dataset: CelebA, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
@@ -334,13 +548,100 @@ def make_loader(dataset: CelebA, epoch: int, position: int, args, rank: int, wor
                                        pin_memory=pin_memory)
 
 
+def worker_errors(loader):
+    """The loader's batches. A UserError raised in a DataLoader worker (the dataset's "images in a
+    row could not be read") reaches the main process with the worker's traceback in its message:
+    it is raised again as its own sentence."""
+    try:
+        yield from loader
+    except UserError as e:
+        text = str(e).strip()
+        if "Original Traceback" not in text:
+            raise
+        raise UserError(text.splitlines()[-1].split("UserError: ", 1)[-1]) from None
+
+
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and the log
+# Checkpoints, resume and the log
 # ----------------------------------------------------------------------------------------------
 
 
 def run_files(out: str) -> dict[str, str]:
     return {name: os.path.join(out, name) for name in ("mapper.safetensors", "state.pt", "log.jsonl")}
+
+
+def check_run_folder(args):
+    """Never overwrite a trained mapper by accident; --resume needs a checkpoint to resume.
+
+    A folder with only a log (a run stopped before its first checkpoint) holds nothing to lose:
+    a new run starts over in it."""
+    files = run_files(args.out)
+    if args.resume and not os.path.isfile(files["state.pt"]):
+        raise UserError(f"--resume: {args.out} holds no run to continue (no state.pt); drop --resume to start a new run there")
+    if not args.resume and (os.path.exists(files["state.pt"]) or os.path.exists(files["mapper.safetensors"])):
+        raise UserError(f"{args.out} already holds a training run; pass --resume to continue it, or choose another --out")
+
+
+def load_checkpoint(out: str) -> dict:
+    return torch.load(run_files(out)["state.pt"], map_location="cpu", weights_only=True)
+
+
+def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]:
+    """Load OUT/state.pt's `state` into f and the optimizer; -> (step, epoch, position, changed settings)."""
+    fields = state["mapper_config"]
+    saved = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
+    if saved != f.config:
+        raise UserError(f"--resume: the run in {args.out} trains a mapper with --z-dim {saved.z_dim} --depth "
+                        f"{saved.depth} --hidden {saved.hidden} --mapper-norm {saved.norm} on encoders of widths "
+                        f"{saved.token_widths}; pass the same, or start a new run with another --out")
+    f.load_state_dict(state["mapper"])
+    optimizer.load_state_dict(state["optimizer"])
+    # The command line wins (e.g. a lower --lr after a NaN, more --steps); say what changed.
+    # load_state_dict brought back the saved learning rate and weight decay with the moments.
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    set_rng_states(state["rng"])
+    changed = "".join(f"; {k} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
+                      if k != "resume" and getattr(args, k, v) != v)
+    return state["step"], state["epoch"], state["position"], changed
+
+
+def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args):
+    """state.pt (all that --resume needs) and mapper.safetensors, each replaced atomically, with
+    the file mode the user's umask gives the rest of the run folder.
+
+    --resume reads only state.pt, which holds f too: a kill between the two renames leaves a
+    mapper.safetensors one checkpoint older at worst, never a resume that mixes two steps."""
+    state = {
+        "step": step,
+        "epoch": epoch,  # the data position: the next batch is batch `position` of `epoch`
+        "position": position,
+        "mapper": f.state_dict(),
+        "mapper_config": asdict(f.config),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_states(),
+        "args": vars(args),
+    }
+    path = run_files(out)["state.pt"]
+    tmp = os.path.join(out, f".state-{os.getpid()}.pt.tmp")  # the process's own name: torch.save creates it
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    mapper_path = run_files(out)["mapper.safetensors"]
+    save_mapper(mapper_path, f, metadata={"step": str(step), "training_args": json.dumps(vars(args))})
+    os.chmod(mapper_path, 0o666 & ~current_umask())  # save_mapper's temporary file was private (0600)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def rng_states() -> dict:
@@ -369,50 +670,34 @@ def set_rng_states(states: dict):
     np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args):
-    """state.pt (all that --resume needs) and mapper.safetensors, each replaced atomically.
+class Log:
+    """log.jsonl (one line of loss terms per step, rank 0 writes) and the progress bar."""
 
-    --resume reads only state.pt, which holds f too: a kill between the two renames leaves a
-    mapper.safetensors one checkpoint older at worst, never a resume that mixes two steps."""
-    state = {
-        "step": step,
-        "epoch": epoch,  # the data position: the next batch is batch `position` of `epoch`
-        "position": position,
-        "mapper": f.state_dict(),
-        "mapper_config": asdict(f.config),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_states(),
-        "args": vars(args),
-    }
-    path = run_files(out)["state.pt"]
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".pt.tmp", dir=out)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    save_mapper(run_files(out)["mapper.safetensors"], f,
-                metadata={"step": str(step), "training_args": json.dumps(vars(args))})
+    def __init__(self, path: str, step: int, steps: int, rank: int):
+        self.file = None
+        if rank == 0:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            trim_log(path, step)
+            self.file = open(path, "a", encoding="utf-8")
+        self.progress = tqdm(total=steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
 
+    def write(self, step: int, numbers: dict[str, float], lambda_neg: float):
+        if self.file is None:
+            return
+        n = numbers
+        self.file.write(json.dumps(dict(step=step, loss=n["loss"], l_con=n["l_con"], l_pos=n["l_pos"], l_neg=n["l_neg"],
+                                        d_neg=n["d_neg"], l_back=n["l_back"], lambda_neg=lambda_neg,
+                                        grad_norm=n["grad_norm"])) + "\n")
+        self.file.flush()
+        self.progress.set_postfix_str(f"loss {n['loss']:.4g} con {n['l_con']:.4g} pos {n['l_pos']:.4g} "
+                                      f"1/neg {n['l_neg']:.4g} d_neg {n['d_neg']:.4g} back {n['l_back']:.4g} "
+                                      f"λ_neg {lambda_neg:.3g}")
+        self.progress.update()
 
-def load_checkpoint(out: str) -> dict:
-    return torch.load(run_files(out)["state.pt"], map_location="cpu", weights_only=True)
-
-
-def check_run_folder(args):
-    """Never overwrite a trained mapper by accident; --resume needs a checkpoint to resume.
-
-    A folder with only a log (a run stopped before its first checkpoint) holds nothing to lose:
-    a new run starts over in it."""
-    files = run_files(args.out)
-    if args.resume and not os.path.isfile(files["state.pt"]):
-        raise UserError(f"--resume: {args.out} holds no run to continue (no state.pt); drop --resume to start a new run there")
-    if not args.resume and (os.path.exists(files["state.pt"]) or os.path.exists(files["mapper.safetensors"])):
-        raise UserError(f"{args.out} already holds a training run; pass --resume to continue it, or choose another --out")
+    def close(self):  # closing twice is harmless
+        self.progress.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def trim_log(path: str, step: int):
@@ -437,232 +722,71 @@ def trim_log(path: str, step: int):
 
 
 @torch.no_grad()
-def save_samples(model: SDXL, f: Mapper, path: str, resolution: int):
-    """One grid: a row per code in SAMPLE_CODES, a column per prompt in SAMPLE_PROMPTS."""
+def save_samples(model: SDXL, f: Mapper, args, step: int):
+    """OUT/samples/step_XXXXXX.png: a row per code in SAMPLE_CODES, a column per prompt in
+    SAMPLE_PROMPTS (column k drawn with noise seed k), labelled, its parameters as PNG text."""
+    path = os.path.join(args.out, "samples", f"step_{step:06d}.png")
+    say(0, f"drawing the sample grid of step {step} ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, "
+           f"{SAMPLE_STEPS} DDIM steps each) into {path}")
     w_l, w_g = f(torch.stack([code_to_z(code, f.config.z_dim) for code in SAMPLE_CODES]).to(model.device))
-    grid = Image.new("RGB", (len(SAMPLE_PROMPTS) * resolution, len(SAMPLE_CODES) * resolution))
+    images = []
     for row in range(len(SAMPLE_CODES)):
         for col, (prompt, concept) in enumerate(SAMPLE_PROMPTS):
             subjects = [(w_l[row].to(model.dtype), w_g[row].to(model.dtype), concept)]
             # column = seed: a code must keep its person across noises, as sample.py users expect.
-            image = model.generate(prompt, seed=col, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
-                                   width=resolution, height=resolution, subjects=subjects)
-            grid.paste(Image.fromarray(image), (col * resolution, row * resolution))
+            images.append(model.generate(prompt, seed=col, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
+                                         width=args.resolution, height=args.resolution, subjects=subjects))
+    codes = [f"code {code}" for code in SAMPLE_CODES]
+    prompts = [f"{prompt} (seed {col})" for col, (prompt, _) in enumerate(SAMPLE_PROMPTS)]
+    grid = labelled_grid(images, codes, prompts, f"step {step}: rows are codes, columns are prompts (seed = column)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
+    grid.save(path, pnginfo=grid_info("code", list(SAMPLE_CODES), "prompt", [p for p, _ in SAMPLE_PROMPTS],
+                                      step=step, seeds=list(range(len(SAMPLE_PROMPTS))), steps=SAMPLE_STEPS,
+                                      guidance=SAMPLE_GUIDANCE, size=args.resolution,
+                                      concepts=[c for _, c in SAMPLE_PROMPTS]))
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# Stopping: Ctrl-C and SIGTERM, a NaN, the end
 # ----------------------------------------------------------------------------------------------
 
 
-def say(rank: int, message: str):
-    if rank == 0:
-        tqdm.write(message, file=sys.stderr)
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
-def setup_processes(args):
-    """(device, rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = pick_device(args.device)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return device, rank, world
-
-
-def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
-    model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
-    for module in (model.unet, model.vae, model.clip_l, model.clip_g):
-        module.requires_grad_(False)  # frozen: gradients pass through SDXL, never into it
-    model.unet.gradient_checkpointing = args.grad_checkpointing
-    if args.compile:
-        # Static shapes (model/unet.py compile_unet): the 3B pass with gradients, the 2B pass
-        # without and the sampling batch each compile once, with the fastest kernels for their shape.
-        model.compile(args.compile)
-    return model
-
-
-def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCache:
-    # A latent is the VAE's mean (not a sample: the cached latent *is* the latent), scaled for the UNet.
-    def encode(images):
-        return model.vae.encode(images.to(model.device)).mode() * SCALING_FACTOR
-
-    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
-    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model)}", f"dtype={dtype}",
-                                                    f"resolution={args.resolution}", "latent=mode*scaling_factor"])
-    return dataset.cache
-
-
-def new_mapper(model: SDXL, args) -> Mapper:
-    """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
-    torch.manual_seed(args.seed)
-    config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden, norm=args.mapper_norm,
-                          token_widths=(model.clip_l.config.width, model.clip_g.config.width))
-    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
-    return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
-
-
-def keep_method(args, saved_args: dict | None):
-    """Fill in the method flags (METHOD_DEFAULTS) not given: a new run's defaults, or on --resume
-    the run's own. A resume that names another value is refused: a run trained half with one
-    method and half with another is neither, and no ablation."""
-    for name, default in METHOD_DEFAULTS.items():
-        kept = default if saved_args is None else saved_args.get(name, default)  # older runs: the default
-        given = getattr(args, name)
-        if saved_args is not None and given is not None and given != kept:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"--resume: the run in {args.out} was trained with {flag} {kept}; a resumed run keeps "
-                            f"its method, so drop {flag} {given}, or start a new run with another --out")
-        setattr(args, name, kept if given is None else given)
-
-
-def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]:
-    """Load OUT/state.pt's `state` into f and the optimizer; -> (step, epoch, position, changed settings)."""
-    fields = state["mapper_config"]
-    saved = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
-    if saved != f.config:
-        raise UserError(f"--resume: the run in {args.out} trains a mapper with --z-dim {saved.z_dim} --depth "
-                        f"{saved.depth} --hidden {saved.hidden} --mapper-norm {saved.norm} on encoders of widths "
-                        f"{saved.token_widths}; pass the same, or start a new run with another --out")
-    f.load_state_dict(state["mapper"])
-    optimizer.load_state_dict(state["optimizer"])
-    # The command line wins (e.g. a lower --lr after a NaN, more --steps); say what changed.
-    # load_state_dict brought back the saved learning rate and weight decay with the moments.
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    set_rng_states(state["rng"])
-    changed = "".join(f"; {k} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
-                      if k != "resume" and getattr(args, k, v) != v)
-    return state["step"], state["epoch"], state["position"], changed
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    device, rank, world = setup_processes(args)
+@contextmanager
+def signals_stop_the_run():
+    """SIGTERM (a scheduler's, or torchrun's on Ctrl-C) stops the run as Ctrl-C does: with a
+    checkpoint of the current step."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        train(args, device, rank, world)
+        yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
 
 
-def train(args, device: torch.device, rank: int, world: int):
-    # Cheap checks first: a wrong folder must not cost a minute of loading 7 GB.
-    check_run_folder(args)
-    if world > 1:
-        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    state = load_checkpoint(args.out) if args.resume else None
-    keep_method(args, state and state["args"])
-    weights = args.weights or find_default_weights()
-    if weights is None:
-        raise UserError(MISSING_WEIGHTS)
-    dtype = pick_dtype(args.dtype, device)
-    attention.set_backend(args.attention)
-    dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
-                                seed=args.seed), caption_ok=concept_survives_truncation(clip.Tokenizer.bundled("eos")))
-    say(rank, dataset.summary)
-    steps_per_epoch = len(dataset) // world // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} usable images cannot fill one batch of {args.batch_size} on each of {world} "
-                        f"processes; lower --batch-size")
-
-    say(rank, f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})")
-    model = load_frozen_sdxl(args, weights, device, dtype)
-    say(rank, f"VAE latents cached in {attach_latent_cache(dataset, model, args, dtype).dir}")
-    f = new_mapper(model, args)
-    # AdamW on f alone: nothing else is handed to the optimizer, so nothing else can change.
-    optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
-                             lambda_back=args.lambda_back, negative=args.negative, mask=args.mask,
-                             mask_reduction=args.mask_reduction)
-    step_config = StepConfig(positive_prompt=args.positive_prompt, positive_noise=args.positive_noise,
-                             time_ids=args.time_ids)
-    step, epoch, position = 0, 0, 0
-    if args.resume:
-        step, epoch, position, changed = resume(args, state, f, optimizer)
-        say(rank, f"resuming {args.out} at step {step}{changed}")
-    last_checkpoint = step if args.resume else None
-    files = run_files(args.out)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        trim_log(files["log.jsonl"], step)
-    # DDP wraps f alone: it averages f's gradients over the ranks; every rank holds the frozen SDXL.
-    ddp_f = f
-    if world > 1:
-        ddp_f = torch.nn.parallel.DistributedDataParallel(f, device_ids=[device] if device.type == "cuda" else None)
-    latent_shape = (4, args.resolution // 8, args.resolution // 8)
-
-    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
-    log = open(files["log.jsonl"], "a", encoding="utf-8") if rank == 0 else None
+@contextmanager
+def signals_deferred():
+    """A block that Ctrl-C and SIGTERM do not cut in half: a signal during it stops the run once it ends."""
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < args.steps:
-            if position >= steps_per_epoch:
-                epoch, position = epoch + 1, 0
-            for batch in worker_errors(make_loader(dataset, epoch, position, args, rank, world, device.type == "cuda")):
-                x0 = dataset.cache.fill(batch)
-                noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
-                try:
-                    terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config, step_config)
-                    optimizer.zero_grad(set_to_none=True)
-                    terms.total.backward()
-                except torch.cuda.OutOfMemoryError:
-                    raise UserError(f"out of GPU memory at --batch-size {args.batch_size} and --resolution "
-                                    f"{args.resolution}; add --grad-checkpointing or lower --batch-size") from None
-                # ‖∇f‖, for the log and as a finiteness check of every gradient (nothing is clipped).
-                grad_norm = torch.nn.utils.clip_grad_norm_(f.parameters(), float("inf"))
-                values = torch.stack([terms.total, terms.l_con, terms.l_pos, terms.l_neg, terms.d_neg,
-                                      terms.l_back, grad_norm]).detach().float()
-                if world > 1:
-                    dist.all_reduce(values)  # every rank logs, and stops on, the same numbers
-                    values /= world
-                loss, l_con, l_pos, l_neg, d_neg, l_back, grad_norm = values.tolist()  # the step's one sync
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise UserError(diverged(args, step + 1, loss, grad_norm, last_checkpoint))
-                optimizer.step()
-                step, position = step + 1, position + 1
-
-                if rank == 0:
-                    log.write(json.dumps(dict(step=step, loss=loss, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg,
-                                              l_back=l_back, lambda_neg=terms.lambda_neg, grad_norm=grad_norm)) + "\n")
-                    log.flush()
-                    progress.set_postfix_str(f"loss {loss:.4g} con {l_con:.4g} pos {l_pos:.4g} 1/neg {l_neg:.4g} "
-                                             f"d_neg {d_neg:.4g} back {l_back:.4g} λ_neg {terms.lambda_neg:.3g}")
-                    progress.update()
-                done = step == args.steps
-                if step % args.checkpoint_every == 0 or done:
-                    if rank == 0:
-                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
-                    last_checkpoint = step  # every rank knows it, for the NaN message
-                if rank == 0 and args.sample_every and (step % args.sample_every == 0 or done):
-                    save_samples(model, f, os.path.join(args.out, "samples", f"step_{step:06d}.png"), args.resolution)
-                if done:
-                    break
+        yield
     finally:
-        progress.close()
-        if log is not None:
-            log.close()
-    mapper_path = files["mapper.safetensors"]
-    say(rank, f"done: {mapper_path} (try `python sample.py --mapper {mapper_path} --code 42 --prompt \"a woman reading\"`)")
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
-def worker_errors(loader):
-    """The loader's batches. A UserError raised in a DataLoader worker (the dataset's "images in a
-    row could not be read") reaches the main process with the worker's traceback in its message:
-    it is raised again as its own sentence."""
-    try:
-        yield from loader
-    except UserError as e:
-        text = str(e).strip()
-        if "Original Traceback" not in text:
-            raise
-        raise UserError(text.splitlines()[-1].split("UserError: ", 1)[-1]) from None
+def stopped(argv: list[str], step: int) -> str:
+    """The one line after Ctrl-C or SIGTERM."""
+    if step == 0:
+        return "stopped before the first step; nothing to save (the same command starts again)"
+    again = shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else ["--resume"]))
+    return f"stopped at step {step}, saved; continue with `{again}`"
 
 
 def diverged(args, step: int, loss: float, grad_norm: float, last_checkpoint: int | None) -> str:
@@ -676,8 +800,20 @@ def diverged(args, step: int, loss: float, grad_norm: float, last_checkpoint: in
             f"settings repeat every step exactly)")
 
 
+def done(args) -> str:
+    """The closing line: where the mapper is, and a sample.py command that uses it with these weights."""
+    mapper_path = run_files(args.out)["mapper.safetensors"]
+    command = ["python", "sample.py", "--mapper", mapper_path, "--code", "42", "--prompt", "a woman reading"]
+    for flag, value in (("--weights", args.weights), ("--vae", args.vae)):
+        if value:
+            command += [flag, value]
+    return f"done: {mapper_path} (try `{shlex.join(command)}`)"
+
+
 if __name__ == "__main__":
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT; the run has said where it stopped

@@ -39,14 +39,6 @@ BACKENDS = ("auto", *_SDPA_BACKENDS, "reference")
 # be forced onto them: it falls back to PyTorch's own choice (the math kernel).
 FUSED_MAX_HEAD_DIM = 256
 
-# The unfused paths (math and reference) materialise the (Lq, Lk) score matrix, in float32 even
-# for bfloat16 inputs, twice over (scores and their softmax). For the VAE's mid block at 1024 px
-# (one head, 128·128 = 16384 positions) that is 1 GiB each, the peak of a whole SDXL image
-# (2.2 of the VAE decode's 2.5 GiB on one H200). Softmax rows are independent, so such calls run
-# over chunks of queries whose score matrix stays under this many bytes: the same numbers,
-# a quarter of a GiB at most.
-MAX_SCORE_BYTES = 2**28
-
 _backend = "auto"
 
 
@@ -77,20 +69,6 @@ def attention_reference(q, k, v, mask=None, is_causal=False):
 
 def attention(q, k, v, mask=None, is_causal=False):
     """Multi-head attention on (B, heads, L, D) tensors through the selected backend."""
-    unfused = _backend in ("math", "reference") or q.shape[-1] > FUSED_MAX_HEAD_DIM
-    # (the masked and causal calls are the text encoders': 77 tokens, never chunked)
-    if unfused and mask is None and not is_causal:
-        B, H, Lq, _ = q.shape
-        rows = max(1, MAX_SCORE_BYTES // (4 * B * H * k.shape[-2]))  # queries per chunk
-        if Lq > rows:
-            out = q.new_empty(*q.shape[:-1], v.shape[-1])
-            for i in range(0, Lq, rows):
-                out[:, :, i : i + rows] = _attention(q[:, :, i : i + rows], k, v)
-            return out
-    return _attention(q, k, v, mask, is_causal)
-
-
-def _attention(q, k, v, mask=None, is_causal=False):
     if _backend == "reference":
         return attention_reference(q, k, v, mask, is_causal)
     context = nullcontext()

@@ -23,14 +23,12 @@ Module names are the official checkpoint's: CLIP-L keeps transformers' names
 (`text_model.encoder.layers.N.self_attn.q_proj`), bigG keeps OpenCLIP's
 (`transformer.resblocks.N.attn.in_proj_weight`), so loading is a prefix split.
 
-Read next: model/unet.py (the denoiser these embeddings condition), then model/mapper.py.
+Read next: model/unet.py (the denoiser these embeddings condition).
 """
 
 import gzip
 import html
-import json
 import os
-import re
 import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,7 +41,7 @@ from tokenizers import models, pre_tokenizers
 from torch import nn
 
 from model.attention import attention
-from model.checkpoint import CheckpointError, UserError, load_strict
+from model.errors import UserError
 
 # ----------------------------------------------------------------------------------------
 # Tokenizer
@@ -72,9 +70,7 @@ SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # Curly quotes -> straight quotes, the one ftfy repair that changes everyday typed prompts
 # (copied text: "woman’s"). The character sets are ftfy's `uncurl_quotes`.
-_STRAIGHT_QUOTES = str.maketrans(
-    dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'") | dict.fromkeys("\u201c\u201d\u201e\u201f", '"')
-)
+_STRAIGHT_QUOTES = str.maketrans(dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'") | dict.fromkeys("\u201c\u201d\u201e\u201f", '"'))
 
 
 def clean_text(text: str) -> str:
@@ -115,19 +111,14 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_id: int):
         if vocab.get(BOS) != BOS_ID or vocab.get(EOS) != EOS_ID:
-            raise UserError(
-                f"this CLIP vocabulary does not map {BOS} to {BOS_ID} and {EOS} to {EOS_ID}; use SDXL's tokenizer files"
-            )
+            raise UserError(f"this CLIP vocabulary does not map {BOS} to {BOS_ID} and {EOS} to {EOS_ID}; use SDXL's tokenizer files")
         self.pad_id = pad_id
         self._bpe = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>"))
-        self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                # invert=True keeps the pattern's matches as words and drops what lies between.
-                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-                # Each word's UTF-8 bytes -> bytes_to_unicode() characters (no further splitting).
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+        self._bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            # invert=True keeps the pattern's matches as words and drops what lies between.
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            # Each word's UTF-8 bytes -> bytes_to_unicode() characters (no further splitting).
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
     @classmethod
     def bundled(cls, pad: str) -> "Tokenizer":
@@ -144,34 +135,6 @@ class Tokenizer:
         chars = list(bytes_to_unicode().values())
         tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
         return cls({t: i for i, t in enumerate(tokens)}, merges, PAD_IDS[pad])
-
-    @classmethod
-    def from_diffusers(cls, folder: str) -> "Tokenizer":
-        """The tokenizer from a diffusers `tokenizer/` or `tokenizer_2/` folder (vocab.json,
-        merges.txt, and the pad token from special_tokens_map.json or tokenizer_config.json)."""
-        paths = {name: os.path.join(folder, name) for name in ("vocab.json", "merges.txt")}
-        for path in paths.values():
-            if not os.path.isfile(path):
-                raise UserError(f"{path} is missing; point to a diffusers tokenizer folder with vocab.json and merges.txt")
-        with open(paths["vocab.json"], encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(paths["merges.txt"], encoding="utf-8") as f:
-            # Line 0 is "#version: 0.2"; every other non-empty line is one merge, in rank order.
-            merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
-        pad = EOS  # transformers' default when a folder names no pad token
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    entry = json.load(f).get("pad_token")
-                if entry is not None:
-                    # Either the token itself or an AddedToken record {"content": ..., ...}.
-                    pad = entry["content"] if isinstance(entry, dict) else entry
-        if pad not in vocab:
-            raise UserError(
-                f"the pad token {pad!r} named in {folder} is not in its vocab.json; fix the folder's special_tokens_map.json"
-            )
-        return cls(vocab, merges, vocab[pad])
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one cleaned prompt, without BOS/EOS and without truncation."""
@@ -202,9 +165,6 @@ def eos_positions(ids: torch.Tensor) -> torch.Tensor:
 # Text transformers
 # ----------------------------------------------------------------------------------------
 
-HEAD_WIDTH = 64  # every SDXL text attention head is 64 wide; heads = width / 64
-
-
 @dataclass
 class CLIPTextConfig:
     """CLIP ViT-L/14's text transformer, SDXL's first text encoder."""
@@ -213,7 +173,7 @@ class CLIPTextConfig:
     context_length: int = CONTEXT_LENGTH  # rows of the positional embedding
     width: int = 768  # token width D
     layers: int = 12  # transformer blocks (SDXL uses the output of the second to last)
-    heads: int = 12  # attention heads, HEAD_WIDTH wide each
+    heads: int = 12  # attention heads, 64 wide each
     mlp_width: int = 3072  # hidden width of each block's MLP (4·D)
 
 
@@ -376,9 +336,6 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
         return TextOutput(x, None)
 
-    def encode(self, ids) -> TextOutput:
-        return self(self.embed(ids), eos_positions(ids))
-
 
 class OpenCLIPTextModel(nn.Module):
     """OpenCLIP ViT-bigG/14 text encoder -> penultimate hidden states (B, L, 1280) and pooled (B, 1280)."""
@@ -415,141 +372,134 @@ class OpenCLIPTextModel(nn.Module):
         eos_features = x[torch.arange(x.shape[0], device=x.device), eos_pos]  # (B, D)
         return TextOutput(penultimate, eos_features @ self.text_projection)
 
-    def encode(self, ids) -> TextOutput:
-        return self(self.embed(ids), eos_positions(ids))
-
 
 # ----------------------------------------------------------------------------------------
-# Loading: official names, architecture from shapes, diffusers name tables, strict build
+# CLIP ViT-L/14 whole: the image tower and both projections (CLIP-T, eval.py)
 # ----------------------------------------------------------------------------------------
+#
+# SDXL only reads CLIP-L's text tower (above). The paper's prompt-fidelity metric, CLIP-T, reads
+# the whole CLIP ViT-L/14 (Radford et al., 2021): image and text, each projected into one shared
+# 768-wide space, compared by cosine.
+#
+#   image ─preprocess─> pixels (B, 3, 224, 224) ─conv 14×14, stride 14─> patches (B, 256, 1024)
+#         [class token; patches] + positions ─pre-LN─> 24 bidirectional blocks
+#         ─post-LN of the class token─> visual_projection ─> image embedding (B, 768)
+#   text  ─ids─> embeddings + positions ─> all 12 causal blocks ─final LN─> state at EOS
+#         ─text_projection─> text embedding (B, 768)
+#   CLIP-T = cos(image embedding, text embedding)
+#
+# The image tower is built from the text tower's blocks (same LayerNorm, q/k/v/out projections
+# and quick_gelu MLP; ViT-L/14 was trained with quick_gelu too); only its attention drops the
+# causal mask. Module names are transformers' `CLIPModel` names, which are also the names in
+# the Hugging Face `openai/clip-vit-large-patch14` files users have (including transformers'
+# spelling `pre_layrnorm`), so loading is a strict assignment (see `clip_from_transformers`).
 
-# Keys the official file carries that the modules deliberately do not have:
-# - CLIP-L's `position_ids` is transformers' buffer of the constants 0..76 (optional in the
-#   official file, absent from diffusers' files); we index the positional embedding directly.
-CLIP_L_IGNORED = ("text_model.embeddings.position_ids",)
-# - bigG's `logit_scale` is CLIP's contrastive temperature, used only to compare image and
-#   text embeddings during CLIP training; text encoding never reads it.
-BIGG_IGNORED = ("logit_scale",)
-
-
-def _shape(shapes, name, what):
-    if name not in shapes:
-        raise CheckpointError(
-            f"the {what} weights have no tensor {name}; they are not an SDXL {what} in the official or diffusers layout"
-        )
-    return tuple(shapes[name])
-
-
-def _num_layers(shapes, prefix):
-    # The highest block index + 1, so a missing middle block is reported as missing keys.
-    return 1 + max((int(k[len(prefix) :].split(".")[0]) for k in shapes if k.startswith(prefix)), default=-1)
-
-
-def clip_l_config_from_state_dict(shapes: dict[str, tuple]) -> CLIPTextConfig:
-    """CLIP-L architecture from official tensor names and shapes (keys start `text_model.`)."""
-    what = "CLIP-L text encoder"
-    vocab_size, width = _shape(shapes, "text_model.embeddings.token_embedding.weight", what)
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        context_length=_shape(shapes, "text_model.embeddings.position_embedding.weight", what)[0],
-        width=width,
-        layers=_num_layers(shapes, "text_model.encoder.layers."),
-        heads=width // HEAD_WIDTH,
-        mlp_width=_shape(shapes, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
-    )
+# CLIP's image normalisation, from OpenAI's `clip/clip.py` `_transform` (the dataset statistics
+# CLIP was trained with): x = (pixel/255 − mean) / std per RGB channel.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def bigg_config_from_state_dict(shapes: dict[str, tuple]) -> OpenCLIPTextConfig:
-    """bigG architecture from official (OpenCLIP) tensor names and shapes."""
-    what = "OpenCLIP bigG text encoder"
-    vocab_size, width = _shape(shapes, "token_embedding.weight", what)
-    return OpenCLIPTextConfig(
-        vocab_size=vocab_size,
-        context_length=_shape(shapes, "positional_embedding", what)[0],
-        width=width,
-        layers=_num_layers(shapes, "transformer.resblocks."),
-        heads=width // HEAD_WIDTH,
-        mlp_width=_shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
-        projection_dim=_shape(shapes, "text_projection", what)[1],
-    )
+@dataclass
+class CLIPVisionConfig:
+    """CLIP ViT-L/14's image tower."""
+
+    image_size: int = 224  # input side in pixels (square, after preprocessing)
+    patch_size: int = 14  # the "/14": 16×16 = 256 patches of 14×14 pixels, plus the class token
+    width: int = 1024  # token width D
+    layers: int = 24  # transformer blocks (all of them run: CLIP-T reads the last one)
+    heads: int = 16  # attention heads, 64 wide each
+    mlp_width: int = 4096  # hidden width of each block's MLP (4·D)
 
 
-def _with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 4.x saved CLIP text models with a `text_model.` prefix (SDXL's hub files
-    have it); transformers 5.x saves them without. Both spell the same model."""
-    return {k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k: v
-            for k, v in sd.items()}
+class CLIPVisionAttention(CLIPAttention):
+    """CLIPAttention without the causal mask: every patch attends to every patch."""
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, L, 64)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v).transpose(1, 2).reshape(B, L, D))
 
 
-def clip_l_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers `text_encoder/` -> official CLIP-L names: the identity (up to the prefix above).
+class CLIPVisionEncoderLayer(CLIPEncoderLayer):
+    """The text tower's pre-LN block with bidirectional attention."""
 
-    The official file stores CLIP-L as a transformers CLIPTextModel under
-    `conditioner.embedders.0.transformer.`, so both layouts use the same `text_model.*` names."""
-    return _with_text_model_prefix(sd)
-
-
-# diffusers `text_encoder_2/` (a transformers CLIPTextModelWithProjection) -> OpenCLIP names.
-_BIGG_NAMES = {
-    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-    "text_model.final_layer_norm.weight": "ln_final.weight",
-    "text_model.final_layer_norm.bias": "ln_final.bias",
-}
-# Per block N: text_model.encoder.layers.N.<left>.{weight,bias} -> transformer.resblocks.N.<right>.
-_BIGG_BLOCK_NAMES = {
-    "layer_norm1": "ln_1",
-    "self_attn.out_proj": "attn.out_proj",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-_BIGG_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # fused in this order
-_BLOCK_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__(cfg)
+        self.self_attn = CLIPVisionAttention(cfg)
 
 
-def bigg_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers `text_encoder_2/` -> official OpenCLIP bigG names and tensors.
+class CLIPModel(nn.Module):
+    """CLIP ViT-L/14: text and image towers with their projections -> embeddings in one space."""
 
-    Two tensor transforms besides renaming: q, k, v projections are concatenated into
-    `attn.in_proj_{weight,bias}`, and `text_projection.weight` (a Linear, y = x·Wᵀ) becomes
-    `text_projection` = Wᵀ (y = x·P). Unknown keys keep their names so the strict loader
-    reports them."""
-    out, qkv = {}, {}
-    for name, t in _with_text_model_prefix(sd).items():
-        block = _BLOCK_KEY.fullmatch(name)
-        if name in _BIGG_NAMES:
-            out[_BIGG_NAMES[name]] = t
-        elif name == "text_projection.weight":
-            out["text_projection"] = t.t().contiguous()
-        elif name == "text_model.embeddings.position_ids":
-            continue  # constants 0..76, see CLIP_L_IGNORED; bigG's official layout has none
-        elif block and block[2] in _BIGG_BLOCK_NAMES:
-            out[f"transformer.resblocks.{block[1]}.{_BIGG_BLOCK_NAMES[block[2]]}.{block[3]}"] = t
-        elif block and block[2] in _BIGG_QKV:
-            qkv.setdefault((block[1], block[3]), {})[block[2]] = (name, t)
-        else:
-            out[name] = t
-    for (n, kind), parts in qkv.items():
-        if len(parts) == 3:
-            # in_proj rows = [q; k; v], as torch.nn.MultiheadAttention splits them.
-            out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts[p][1] for p in _BIGG_QKV])
-        else:  # an incomplete triple stays as it is, and the strict loader names what is missing
-            out.update(parts.values())
-    return out
+    def __init__(self, text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, projection_dim: int = 768):
+        super().__init__()
+        self.text_config, self.vision_config = text_cfg, vision_cfg
+        # The text tower is the very module tree SDXL's CLIP-L uses (text_model.embeddings...,
+        # text_model.encoder.layers.N..., text_model.final_layer_norm); here it runs to the end.
+        self.text_model = CLIPTextModel(text_cfg).text_model
+        # Plain containers reproducing the checkpoint's names (vision_model.embeddings...).
+        v = self.vision_model = nn.Module()
+        v.embeddings = nn.Module()
+        v.embeddings.class_embedding = nn.Parameter(torch.empty(vision_cfg.width))
+        # Cutting the image into patches and embedding each is one strided convolution.
+        v.embeddings.patch_embedding = nn.Conv2d(3, vision_cfg.width, vision_cfg.patch_size,
+                                                 stride=vision_cfg.patch_size, bias=False)
+        num_positions = (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1  # patches + class token
+        v.embeddings.position_embedding = nn.Embedding(num_positions, vision_cfg.width)
+        v.pre_layrnorm = LayerNorm(vision_cfg.width)  # sic: transformers' spelling, the files' name
+        v.encoder = nn.Module()
+        v.encoder.layers = nn.ModuleList(CLIPVisionEncoderLayer(vision_cfg) for _ in range(vision_cfg.layers))
+        v.post_layernorm = LayerNorm(vision_cfg.width)
+        # Projections into the shared space, Linear without bias (y = x·Wᵀ).
+        self.visual_projection = nn.Linear(vision_cfg.width, projection_dim, bias=False)
+        self.text_projection = nn.Linear(text_cfg.width, projection_dim, bias=False)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (B, 3, S, S) -> projected image embeddings (B, P), not normalised."""
+        v = self.vision_model
+        x = v.embeddings.patch_embedding(pixels.to(v.embeddings.class_embedding.dtype))  # (B, D, S/14, S/14)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D): patches in row-major order
+        cls = v.embeddings.class_embedding.expand(x.shape[0], 1, -1)
+        # x_0 = [class; patches] + positions, then LayerNorm before the first block (CLIP's ln_pre)
+        x = v.pre_layrnorm(torch.cat([cls, x], dim=1) + v.embeddings.position_embedding.weight)
+        for layer in v.encoder.layers:
+            x = layer(x)
+        # The image is what the class token has gathered: post-LN(x_L[:, 0]) · W_visualᵀ
+        return self.visual_projection(v.post_layernorm(x[:, 0]))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, 77) -> projected text embeddings (B, P), not normalised."""
+        t = self.text_model
+        x = t.embeddings.token_embedding(ids) + t.embeddings.position_embedding.weight[: ids.shape[1]]
+        # PITFALL: unlike SDXL's conditioning (the penultimate state), CLIP's own text embedding
+        # runs every block and the final LayerNorm, and reads the EOS token.
+        for layer in t.encoder.layers:
+            x = layer(x)
+        x = t.final_layer_norm(x)
+        eos_features = x[torch.arange(x.shape[0], device=x.device), eos_positions(ids).to(x.device)]  # (B, D)
+        return self.text_projection(eos_features)
 
 
-def build_clip_l(sd: dict[str, torch.Tensor]) -> CLIPTextModel:
-    """CLIP-L from official-name tensors (prefix `conditioner.embedders.0.transformer.` stripped)."""
-    cfg = clip_l_config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg)
-    return load_strict(model, sd, "CLIP-L text encoder", ignore=CLIP_L_IGNORED)
+def clip_preprocess(image, size: int = 224) -> torch.Tensor:
+    """CLIP's image preprocessing: a PIL image or (H, W, 3) uint8 array -> (3, size, size) float32.
 
+    Resize the shortest side to `size` with bicubic filtering, cut the centre square, scale to
+    [0, 1] and normalise with CLIP_MEAN / CLIP_STD. This is OpenAI's `_transform` as transformers'
+    CLIPImageProcessor runs it (PIL's bicubic; the long side int(size·long/short); the crop's
+    top-left corner rounded down), tested equal to it."""
+    import numpy as np
+    from PIL import Image
 
-def build_bigg(sd: dict[str, torch.Tensor]) -> OpenCLIPTextModel:
-    """bigG from official-name tensors (prefix `conditioner.embedders.1.model.` stripped)."""
-    cfg = bigg_config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    with torch.device("meta"):
-        model = OpenCLIPTextModel(cfg)
-    return load_strict(model, sd, "OpenCLIP bigG text encoder", ignore=BIGG_IGNORED)
+    image = (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGB")
+    w, h = image.size
+    # The short side becomes `size`, the long one keeps the aspect ratio (truncated, as both references do).
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, size, size)
+    # x = (x − mean) / std
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+

@@ -23,17 +23,16 @@ Notation (paper symbol ↔ variable):
     η            eta              0 = deterministic DDIM, 1 = DDPM-like ancestral noise
     σ_t          sigma_t          standard deviation of the fresh noise z in a step
 
-Read next: model/sdxl.py (which calls `sample` with the UNet as the ε-function), then losses.py
-(which uses `add_noise` and `x0_from_eps` for the training triplets).
+Read next: model/sdxl.py (which calls `sample` with the UNet as the ε-function).
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import UserError
+from model.errors import UserError
 
 # SDXL base's training schedule (the `scheduler` config shipped with the official weights).
 T = 1000  # number of training noise levels
@@ -105,14 +104,8 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-def ddim_step(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    alpha_bar_t: float,
-    alpha_bar_prev: float,
-    eta: float = 0.0,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """x_t → x_{t_prev} (DDIM eq. 12 with σ_t from eq. 16). `noise` is z ~ N(0, I), needed when
     η > 0. The ᾱ are Python floats: the coefficients are computed on the host in float64 and the
     step launches no host↔device synchronisation."""
@@ -131,44 +124,19 @@ def ddim_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
-    """CPU generators as a diffusers user makes them: `torch.Generator("cpu").manual_seed(seed)`.
-    One seed gives one generator (for the whole batch); a list of seeds gives one per image."""
-    if isinstance(seed, int):
-        return torch.Generator("cpu").manual_seed(seed)
-    return [torch.Generator("cpu").manual_seed(s) for s in seed]
-
-
-def randn(shape, generator, device, dtype) -> torch.Tensor:
-    """Standard normal noise exactly as diffusers' `randn_tensor` draws it: on the generator's
-    device, in `dtype`, then moved to `device`. `generator`: one generator (for the whole batch),
-    a list with one per batch row, or None (the global RNG, drawn on `device`)."""
-    # PITFALL: the numbers depend on how they are drawn, not only on the seed. With a list of
-    # generators, row b is its own (1, …) draw from generator b (a list of one acts as a single
-    # generator); drawing (B, …) at once, in float32 and then casting, or on the GPU gives other
-    # numbers for the same seeds.
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, device, dtype) -> torch.Tensor:
+    """Standard normal noise as diffusers' `randn_tensor` draws it from one generator: on the
+    generator's device (None: the global RNG, on `device`), in `dtype`, then moved to `device`.
+    model/sdxl.py draws x_T so from `torch.Generator("cpu").manual_seed(seed)`, and the same seed
+    gives a diffusers user the same starting latents. DDIM's initial noise scale is 1.
+    A list of generators, one per batch row, draws each row as that image alone would be drawn
+    (a batch of independent images, as eval.py makes them)."""
     if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(rows).to(device)
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    # PITFALL: the numbers depend on how they are drawn, not only on the seed: drawing on the
+    # GPU, or in float32 and then casting, gives other numbers for the same seed.
     draw_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
-def initial_noise(seed, shape, device, dtype) -> torch.Tensor:
-    """x_T, identical to the latents diffusers' StableDiffusionXLPipeline starts from when given
-    `generator=torch.Generator("cpu").manual_seed(seed)` (or a list of such generators).
-
-    `seed`: an int (one generator for the batch), a list of ints (one per image), or the
-    generator(s) themselves (from `generators`) when `sample` must keep drawing η-noise from
-    them, as diffusers does. `dtype` should be the pipeline's dtype (diffusers draws in it).
-    DDIM's initial noise scale is 1, so nothing is multiplied."""
-    if isinstance(seed, torch.Generator) or (isinstance(seed, list) and isinstance(seed[0], torch.Generator)):
-        return randn(shape, seed, device, dtype)
-    return randn(shape, generators(seed), device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +147,8 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor 
 
 
 @torch.no_grad()
-def sample(
-    eps_fn: EpsFn,
-    x_T: torch.Tensor,
-    num_steps: int,
-    guidance: float,
-    eta: float = 0.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, eta: float = 0.0,
+           generator: torch.Generator | list[torch.Generator] | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: x_T (B, C, h, w) → x_0, same shape and dtype.
 
     Contract of `eps_fn(x_t, t) -> (eps_cond, eps_uncond)`:
@@ -199,8 +160,8 @@ def sample(
       - when guidance == 1, ε̂ = ε_c and ε_u is never read: the caller may return None for it
         and skip the unconditional half. (diffusers also ignores guidance scales below 1; here
         the guidance formula holds for every s ≠ 1.)
-    `generator` feeds the η > 0 noise: pass the generator(s) that drew x_T (`initial_noise(gens, …)`)
-    to reproduce diffusers' DDIMScheduler with the same generator(s); None uses the global RNG.
+    `generator` feeds the η > 0 noise: pass the generator that drew x_T to reproduce diffusers'
+    DDIMScheduler with the same generator (a list: one per image, see `randn`); None uses the global RNG.
     The loop never synchronises host and device (no `.item()`, no per-step host→device copy)."""
     if not 0 <= eta <= 1:
         raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise), got {eta}")
@@ -209,7 +170,7 @@ def sample(
     step = T // num_steps
     B = x_T.shape[0]
     t_device = ts.to(x_T.device)  # one copy before the loop; t_device[i] below is a view
-    # The η-noise, drawn up front: the same numbers, in the same order per generator, that
+    # The η-noise, drawn up front: the same numbers, in the same order, that
     # diffusers draws inside each step (one (B, …) draw per step), without a copy per step.
     z = [randn(x_T.shape, generator, x_T.device, x_T.dtype) for _ in range(num_steps)] if eta > 0 else None
 

@@ -16,24 +16,21 @@ Symbols (the paper's):
     ê        e with w inserted (eq. 4)
 
 Contents, in the order a prompt meets them: `code_to_z`, the `Mapper` (`f`), `find_concept`,
-`insert` / `insert_many` / `insert_subjects`, then saving and loading trained mappers.
+`insert` / `insert_many` / `insert_subjects`. Trained mappers are saved and loaded by
+model/checkpoint.py (`save_mapper`, `load_mapper`).
 
 Read next: losses.py (how f is trained), then train.py.
 """
 
-import json
 import operator
-import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from model.checkpoint import CheckpointError, UserError, load_strict, read_metadata, read_shapes, stream_tensors
+from model.errors import UserError
 
 
 @dataclass
@@ -258,49 +255,3 @@ def insert_subjects(e: Tensor, eos_pos: Tensor, ids: Tensor, tokenizer, subjects
     pairs = [(w.expand(B, -1), torch.tensor([positions[b][k][0] for b in range(B)], device=e.device))
              for k, (w, _) in enumerate(subjects)]
     return insert_many(e, pairs, eos_pos)
-
-
-# -- trained mappers on disk ---------------------------------------------------------------------
-
-# safetensors metadata that marks a file as a mapper and records its architecture.
-FORMAT_KEY, FORMAT = "format", "cocoins-mapper"
-CONFIG_KEY = "mapper_config"
-
-
-def save_mapper(path: str, mapper: Mapper, metadata: dict[str, str] | None = None) -> None:
-    """Write `mapper` (unwrapped from DDP) to a safetensors file, atomically.
-
-    `metadata` (string values, e.g. the training arguments as JSON) is stored beside the config;
-    the keys "format" and "mapper_config" are the mapper's own. The file is written to a temporary
-    name in the same folder and renamed over `path`, so a killed process leaves the previous file
-    intact and never a partial one."""
-    meta = {**(metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(asdict(mapper.config))}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mapper.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mapper-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load_mapper(path: str, device="cpu") -> Mapper:
-    """A mapper written by `save_mapper`, in eval mode with gradients off (call
-    `.train().requires_grad_(True)` to continue training it)."""
-    meta = read_metadata(path)
-    if meta.get(FORMAT_KEY) != FORMAT or CONFIG_KEY not in meta:
-        raise CheckpointError(f"{path} is not a CoCoIns mapper checkpoint; pass the mapper.safetensors that train.py writes")
-    try:
-        fields = json.loads(meta[CONFIG_KEY])
-        config = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
-    except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"the mapper config stored in {path} is unreadable ({err}); the file may be corrupt") from None
-    # Placeholder statistics; the file's own are assigned with the weights just below.
-    mapper = Mapper(config, [(torch.zeros(D), torch.ones(D)) for D in config.token_widths])
-    state = dict(stream_tensors(path, read_shapes(path), device=device))
-    return load_strict(mapper.to(device), state, "mapper")

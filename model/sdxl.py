@@ -1,4 +1,4 @@
-"""One checkpoint -> a ready Stable Diffusion XL: loading, prompt encoding, generation.
+"""The Stable Diffusion XL pipeline: prompt encoding, micro-conditioning, generation, decoding.
 
 This file ties the components together the way SDXL base uses them:
 
@@ -11,359 +11,20 @@ This file ties the components together the way SDXL base uses them:
                                         UNet ε̂(x_t, t, context, pooled, time_ids)
                                         DDIM (model/ddim.py) ─> latent ─> VAE decode ─> image
 
-Loading accepts the two layouts people have on disk:
-  * the official single file `sd_xl_base_1.0.safetensors` (and SDXL fine-tunes saved the same
-    way): four key prefixes, one per model;
-  * a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer*/`),
-    with or without `.fp16` variant files; each model file converts it to official names.
-Every tensor is accounted for (strict loading), tensors stream one by one to the target device
-and dtype, and anything that is not SDXL base ends in one sentence saying what it looks like.
+Loading (the official single file or a diffusers folder) is model/checkpoint.py's; speed paths
+(--compile, --cuda-graphs, --offload) are model/speed.py's, which set `offload` and `graphed_unet`.
 
-Read next: model/mapper.py (the CoCoIns part), then sample.py.
+Read next: model/mapper.py (the CoCoIns part).
 """
 
-import glob
-import os
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from model import clip, ddim, unet, vae
-from model.checkpoint import CheckpointError, UserError, read_shapes, stream_tensors
+from model import checkpoint, clip, ddim, vae
+from model.errors import UserError
 
-# Key prefixes of the four models inside the official single file (sgm's DiffusionEngine).
-PREFIX = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "clip_l": "conditioner.embedders.0.transformer.",
-    "clip_g": "conditioner.embedders.1.model.",
-}
-# Tensors an SDXL single file may carry besides the four models, ignored on purpose (anything
-# else outside the four prefixes is an error, so no tensor is silently dropped):
-# - `denoiser.sigmas`: the 1000 noise levels σ_t that sgm's DiscreteDenoiser derives from the
-#   schedule; model/ddim.py computes the schedule itself (the reference README: ignore it);
-# - `model_ema.*`: sgm's moving-average copy of the UNet in training checkpoints; sgm's SDXL
-#   inference configs do not read it either.
-IGNORED_KEYS = ("denoiser.sigmas",)
-IGNORED_PREFIXES = ("model_ema.",)
-# Each model's subfolder and file stem in the diffusers folder layout.
-DIFFUSERS_FILES = {
-    "unet": ("unet", "diffusion_pytorch_model"),
-    "vae": ("vae", "diffusion_pytorch_model"),
-    "clip_l": ("text_encoder", "model"),
-    "clip_g": ("text_encoder_2", "model"),
-}
-OFFICIAL_FILENAME = "sd_xl_base_1.0.safetensors"
-HUB_REPO_FOLDER = "models--stabilityai--stable-diffusion-xl-base-1.0"
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and recognising checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def hub_cache_dir() -> str:
-    """The folder huggingface_hub downloads into, resolved as huggingface_hub resolves it:
-    HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, else
-    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
-    env = os.environ.get
-    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
-    cache = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return os.path.expandvars(os.path.expanduser(cache))
-
-
-def _hub_snapshots(cache: str) -> list[str]:
-    """SDXL base snapshots in a hub cache, the one `refs/main` names (the latest download) first."""
-    repo = os.path.join(cache, HUB_REPO_FOLDER)
-    snapshots = sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
-    try:
-        with open(os.path.join(repo, "refs", "main")) as f:
-            main = os.path.join(repo, "snapshots", f.read().strip())
-    except OSError:
-        return snapshots
-    return sorted(snapshots, key=lambda s: s != main)
-
-
-def find_default_weights() -> str | None:
-    """The official file in weights/, else an SDXL base snapshot already in the Hugging Face cache.
-
-    People who used diffusers already have the weights on disk: never make them download twice.
-    A cached snapshot counts only when it is complete (the single file, or all four diffusers
-    components), so a partial download is never picked."""
-    local = os.path.join(WEIGHTS_DIR, OFFICIAL_FILENAME)
-    if os.path.isfile(local):
-        return local
-    for snapshot in _hub_snapshots(hub_cache_dir()):
-        single = os.path.join(snapshot, OFFICIAL_FILENAME)
-        if os.path.isfile(single):  # isfile follows the cache's symlinks into blobs/
-            return single
-        if all(_diffusers_file(os.path.join(snapshot, sub), stem) for sub, stem in DIFFUSERS_FILES.values()):
-            return snapshot
-    return None
-
-
-MISSING_WEIGHTS = (
-    "no SDXL weights found (looked for weights/{name} and an SDXL base snapshot in the Hugging Face "
-    "cache); run `python weights/download.py` to fetch the official file (6.9 GB) into weights/, "
-    "or pass --weights PATH to a single file or a diffusers folder"
-).format(name=OFFICIAL_FILENAME)
-
-
-def describe_foreign(shapes: dict) -> str | None:
-    """If a single file is not SDXL base, say what it looks like (None when it is SDXL base)."""
-    keys = shapes.keys()
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if any("lora" in k.lower() for k in keys):
-        return "a LoRA (low-rank adapter), not a full model; load it with a tool that applies LoRAs to SDXL"
-    if has("model.diffusion_model.joint_blocks") or has("joint_blocks."):
-        return "a Stable Diffusion 3 checkpoint, a different architecture"
-    if has("model.diffusion_model.double_blocks") or has("double_blocks."):
-        return "a FLUX checkpoint, a different architecture"
-    if has("cond_stage_model.transformer."):
-        return "a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder), not SDXL"
-    if has("cond_stage_model.model."):
-        return "a Stable Diffusion 2.x checkpoint (one OpenCLIP-H text encoder), not SDXL"
-    if has("conditioner.embedders.0.model.") and not has(PREFIX["clip_l"]):
-        return "the SDXL refiner (one bigG text encoder), not SDXL base"
-    if has("conv_in.weight") and has("time_embedding."):
-        return "a diffusers UNet file on its own; pass the diffusers folder that contains unet/, vae/ and the text encoders"
-    if has("encoder.down_blocks.") or has("encoder.down."):
-        return "a VAE on its own; pass it with --vae and the full model with --weights"
-    missing = [name for name, prefix in PREFIX.items() if not has(prefix)]
-    if missing:
-        return f"not an SDXL base single file: it has no {', '.join(missing)} weights (expected key prefixes {', '.join(PREFIX[m] for m in missing)})"
-    conv_in = shapes.get(PREFIX["unet"] + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in[1] != 4:
-        return (f"an SDXL whose UNet takes {conv_in[1]} input channels, not 4 (an inpainting or other "
-                f"special-purpose model); use SDXL base or a fine-tune of it")
-    return None
-
-
-def _diffusers_file(folder: str, stem: str) -> list[str] | None:
-    """The safetensors file(s) of one diffusers component, preferring full precision over `.fp16`.
-
-    Large components may be sharded (`stem-00001-of-00002.safetensors`); all shards are returned,
-    and a missing shard is an error here rather than a list of missing tensors later."""
-    for variant in ("", ".fp16"):
-        single = os.path.join(folder, f"{stem}{variant}.safetensors")
-        if os.path.isfile(single):
-            return [single]
-        shards = sorted(glob.glob(os.path.join(folder, f"{stem}{variant}-*-of-*.safetensors")))
-        if shards:
-            count = shards[0].rsplit("-of-", 1)[1].split(".")[0]  # "00002" from ...-00001-of-00002.safetensors
-            expected = [os.path.join(folder, f"{stem}{variant}-{k:0{len(count)}d}-of-{count}.safetensors")
-                        for k in range(1, int(count) + 1)]
-            if shards != expected:
-                absent = sorted(set(expected) - set(shards)) or shards
-                raise CheckpointError(f"{folder} holds an incomplete set of {count} shards ({os.path.basename(absent[0])} is missing or misnamed); download the missing files")
-            return shards
-    return None
-
-
-def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """read_shapes, with one clear sentence for the pickle checkpoints (.ckpt, .pt) people also have."""
-    try:
-        return read_shapes(path)
-    except CheckpointError:
-        if not os.path.isfile(path):
-            raise
-        with open(path, "rb") as f:
-            magic = f.read(2)
-        # torch.save writes a zip archive ("PK") since PyTorch 1.6, a bare pickle before
-        # (0x80 then the protocol number, 2 to 5).
-        if magic == b"PK" or (len(magic) == 2 and magic[0] == 0x80 and 2 <= magic[1] <= 5):
-            raise CheckpointError(
-                f"{path} is a PyTorch pickle checkpoint (torch.save, as in .ckpt/.pt files), not safetensors; "
-                "get the .safetensors release of the model (pickles can run code when loaded, so they are not read here)"
-            ) from None
-        raise
-
-
-@dataclass
-class Part:
-    """Where one model's tensors are: files, the key prefix to strip, and the layout of the names."""
-    files: list[str]
-    prefix: str = ""
-    diffusers: bool = False
-
-
-def locate(path: str) -> dict[str, Part]:
-    """Map a user's --weights path to the files holding each of the four models."""
-    if os.path.isdir(path):
-        parts = {}
-        for name, (sub, stem) in DIFFUSERS_FILES.items():
-            files = _diffusers_file(os.path.join(path, sub), stem)
-            if files is None:
-                if os.path.isfile(os.path.join(path, OFFICIAL_FILENAME)):
-                    return locate(os.path.join(path, OFFICIAL_FILENAME))
-                raise CheckpointError(
-                    f"{path} is not an SDXL diffusers folder: {sub}/{stem}.safetensors is missing "
-                    "(pass the folder holding unet/, vae/, text_encoder/ and text_encoder_2/, or the single .safetensors file)"
-                )
-            parts[name] = Part(files, diffusers=True)
-        return parts
-    if not os.path.exists(path):
-        raise CheckpointError(f"--weights {path} does not exist; {MISSING_WEIGHTS.split('; ', 1)[1]}")
-    shapes = _checkpoint_shapes(path)
-    foreign = describe_foreign(shapes)
-    if foreign:
-        raise CheckpointError(f"{path} is {foreign}")
-    # Strict accounting: every tensor belongs to one of the four models or is a known extra.
-    unknown = sorted(k for k in shapes if not k.startswith((*PREFIX.values(), *IGNORED_PREFIXES)) and k not in IGNORED_KEYS)
-    if unknown:
-        raise CheckpointError(
-            f"{path} holds {len(unknown)} tensors outside SDXL's four models ({', '.join(unknown[:3])}"
-            f"{' and more' if len(unknown) > 3 else ''}); it is not an SDXL base single file"
-        )
-    return {name: Part([path], prefix) for name, prefix in PREFIX.items()}
-
-
-def locate_vae(path: str) -> Part:
-    """--vae: a VAE alone, in either layout (file or diffusers folder), or a whole SDXL checkpoint."""
-    if os.path.isdir(path):
-        files = _diffusers_file(path, "diffusion_pytorch_model") or _diffusers_file(
-            os.path.join(path, "vae"), "diffusion_pytorch_model")
-        if files is None:
-            raise CheckpointError(f"--vae {path} holds no diffusion_pytorch_model.safetensors; pass the VAE folder or its .safetensors file")
-        return Part(files, diffusers=True)
-    keys = _checkpoint_shapes(path).keys()
-    if any(k.startswith(PREFIX["vae"]) for k in keys):
-        return Part([path], PREFIX["vae"])
-    if any(k.startswith("encoder.down_blocks.") for k in keys):
-        return Part([path], diffusers=True)
-    if any(k.startswith("encoder.down.") for k in keys):
-        return Part([path])
-    raise CheckpointError(f"--vae {path} is not an autoencoder checkpoint (no encoder/decoder weights in either layout)")
-
-
-def read_part(part: Part, device, dtype) -> dict[str, torch.Tensor]:
-    """Stream one model's tensors (names relative to its prefix) to `device` in `dtype`."""
-    sd = {}
-    for file in part.files:
-        names = [k for k in read_shapes(file) if k.startswith(part.prefix)]
-        sd.update(stream_tensors(file, names, device=device, dtype=dtype, strip_prefix=part.prefix))
-    return sd
-
-
-# ----------------------------------------------------------------------------------------------
-# Offloading (--offload): the models wait in host memory and visit the GPU one at a time
-# ----------------------------------------------------------------------------------------------
-
-class Offload:
-    """Keeps models in host memory and lends each to `device` only while it runs.
-
-    SDXL's four models hold 6.9 GB in bfloat16, but an image needs them one after another
-    (text encoders, then the UNet at every step, then the VAE), so a GPU that holds the UNet
-    and its activations is enough. Lending copies a model's tensors to the device (always a
-    copy, on a CPU too: the host tensors are never the ones computed with); giving it back
-    points the parameters at their host copies again. The models are frozen, so nothing is
-    ever copied back. On CUDA the host copies are pinned (page-locked): the copies then run at
-    full PCIe speed, with no staging buffer."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.lent = {}  # model -> number of open `lend` blocks holding it (tests read this)
-
-    @staticmethod
-    def _tensors(model):
-        return [*model.parameters(), *model.buffers()]
-
-    def store(self, model):
-        """Move `model` to host memory, where it waits between lends."""
-        pin = self.device.type == "cuda"
-        for t in self._tensors(model):
-            t.data = t.data.cpu().pin_memory() if pin else t.data.cpu()
-
-    @contextmanager
-    def lend(self, *models):
-        """Run the block with `models` on the device; a model lent by an outer block moves once."""
-        arriving = [m for m in dict.fromkeys(models) if m not in self.lent]
-        host = {m: [t.data for t in self._tensors(m)] for m in arriving}
-        for m in models:
-            self.lent[m] = self.lent.get(m, 0) + 1
-        try:
-            for m in arriving:
-                for t in self._tensors(m):
-                    t.data = t.data.to(self.device, non_blocking=True, copy=True)
-            yield
-        finally:
-            for m in models:
-                self.lent[m] -= 1
-            for m in arriving:
-                for t, on_host in zip(self._tensors(m), host[m]):
-                    t.data = on_host
-                del self.lent[m]
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA graphs (--cuda-graphs): a UNet step replayed from one recording
-# ----------------------------------------------------------------------------------------------
-
-def check_cuda_graphs(device, offload: bool) -> None:
-    """--cuda-graphs' requirements, as one sentence each."""
-    if torch.device(device).type != "cuda":
-        raise UserError(f"--cuda-graphs needs a CUDA GPU, and this run is on {torch.device(device).type}; drop the flag")
-    if offload:
-        raise UserError("--cuda-graphs and --offload cannot be combined: a CUDA graph keeps the addresses of the "
-                        "weights it recorded, and offloading moves them; choose one")
-
-
-class CUDAGraphed:
-    """Calls `module` by replaying a CUDA graph of one call instead of launching its kernels.
-
-    A UNet step launches a few thousand kernels, each costing the CPU microseconds of Python and
-    driver work; when that adds up to more than the GPU's work, the GPU waits. A CUDA graph
-    records the launches of one call and replays them all with one. The recording fixes every
-    address, so inputs are copied into the recorded input buffers before each replay and the
-    output is copied out of the recorded one after it (the next replay overwrites it). Each
-    input shape (image size, batch) is recorded once, on its first call.
-
-    For inference only (calls with autograd on go straight to the module), with the weights
-    staying where they are (not with Offload, which moves them)."""
-
-    def __init__(self, module):
-        self.module = module
-        self.graphs = {}  # input shapes and dtypes -> (graph, input buffers, output buffer)
-
-    def __call__(self, *inputs):
-        if torch.is_grad_enabled():
-            return self.module(*inputs)
-        key = tuple((x.shape, x.dtype) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
-        graph, buffers, output = self.graphs[key]
-        # (on the inputs' GPU, which need not be the current one: --device cuda:1)
-        with torch.cuda.device(inputs[0].device):
-            for buffer, x in zip(buffers, inputs):
-                buffer.copy_(x)
-            graph.replay()
-            return output.clone()
-
-    def _record(self, inputs):
-        with torch.cuda.device(inputs[0].device):  # streams and the recording on the inputs' GPU
-            return self._record_here(inputs)
-
-    def _record_here(self, inputs):
-        buffers = [x.clone(memory_format=torch.contiguous_format) for x in inputs]
-        # Warm-up on a side stream (PyTorch's recipe): lazy initialisation (cuBLAS handles,
-        # torch.compile's compilation, the allocator's first blocks) must not be recorded.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.module(*buffers)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.module(*buffers)
-        return graph, buffers, output
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
 
 class SDXL:
     """The four frozen SDXL models plus their tokenizers, with SDXL base's conditioning."""
@@ -373,41 +34,16 @@ class SDXL:
         self.clip_l, self.clip_g = clip_l, clip_g
         self.unet, self.vae = unet, vae
         self.device, self.dtype = torch.device(device), dtype
-        self.offload = None  # an Offload once enable_offload() is called (--offload)
-        self.graphed_unet = None  # a CUDAGraphed UNet once enable_cuda_graphs() is called (--cuda-graphs)
+        self.offload = None  # an Offload (--offload), set by model/speed.py
+        self.graphed_unet = None  # a CUDAGraphed UNet (--cuda-graphs), set by model/speed.py
 
     # -- loading --------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str, device="cpu", dtype=torch.float32, vae_path: str | None = None):
-        """Load SDXL from the official single file or a diffusers folder (see module docstring)."""
-        parts = locate(path)
-        if vae_path is not None:
-            parts["vae"] = locate_vae(vae_path)
-        converters = {
-            "unet": (unet.from_diffusers, unet.build),
-            "vae": (vae.from_diffusers, vae.build),
-            "clip_l": (clip.clip_l_from_diffusers, clip.build_clip_l),
-            "clip_g": (clip.bigg_from_diffusers, clip.build_bigg),
-        }
-        models = {}
-        for name, part in parts.items():
-            convert, build = converters[name]
-            # PITFALL: the SDXL VAE overflows in float16; it is kept in float32 in that case.
-            part_dtype = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
-            sd = read_part(part, device, part_dtype)
-            if part.diffusers:
-                sd = convert(sd)
-            models[name] = build(sd)
-            del sd
-        tok_l, tok_g = clip.Tokenizer.bundled(pad="eos"), clip.Tokenizer.bundled(pad="!")
-        if os.path.isdir(path):
-            # A diffusers folder brings its own tokenizer files; use them when present.
-            if os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
-                tok_l = clip.Tokenizer.from_diffusers(os.path.join(path, "tokenizer"))
-            if os.path.isfile(os.path.join(path, "tokenizer_2", "vocab.json")):
-                tok_g = clip.Tokenizer.from_diffusers(os.path.join(path, "tokenizer_2"))
-        return cls(tok_l, tok_g, models["clip_l"], models["clip_g"], models["unet"], models["vae"], device, dtype)
+        """Load SDXL from the official single file or a diffusers folder (model/checkpoint.py)."""
+        m = checkpoint.load_sdxl(path, device, dtype, vae_path)
+        return cls(m["tok_l"], m["tok_g"], m["clip_l"], m["clip_g"], m["unet"], m["vae"], device, dtype)
 
     # -- conditioning ---------------------------------------------------------------------------
 
@@ -440,39 +76,15 @@ class SDXL:
         return self.encode_prompt([negative_prompt] * batch)
 
     @staticmethod
-    def time_ids(height, width, batch, device, original=None, crop=(0, 0)):
-        """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), float32.
+    def time_ids(height, width, batch, device):
+        """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), float32.
 
         At sampling time the 'original size' is the target size and the crop is (0, 0): the
         image the model was told is an uncropped photo of exactly that size."""
-        orig_h, orig_w = original or (height, width)
         # PITFALL: always float32, whatever the model's dtype: bfloat16 keeps 8 significant bits,
         # so sizes like 1023 or 2056 would round (to 1024, 2048) and condition on another size.
-        ids = torch.tensor([orig_h, orig_w, crop[0], crop[1], height, width], dtype=torch.float32, device=device)
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
         return ids.expand(batch, 6)
-
-    # -- speed: --compile, --offload -------------------------------------------------------------
-
-    def compile(self, mode: str = "regional"):
-        """--compile: torch.compile the UNet (see unet.compile_unet); `full` also compiles the
-        VAE decoder (one graph; 64 -> 36 ms per 1024 px decode on one H200, 31 s to compile)."""
-        unet.compile_unet(self.unet, mode)
-        if mode == "full":
-            self.vae.decoder.compile(dynamic=False, fullgraph=True)
-
-    def enable_cuda_graphs(self):
-        """--cuda-graphs: generate() replays a CUDA graph of the UNet step (see CUDAGraphed)."""
-        check_cuda_graphs(self.device, offload=self.offload is not None)
-        self.graphed_unet = CUDAGraphed(self.unet)
-
-    def enable_offload(self, device):
-        """--offload: keep the models in host memory and lend each to `device` only while it runs."""
-        if self.graphed_unet:
-            check_cuda_graphs(device, offload=True)
-        self.device = torch.device(device)
-        self.offload = Offload(self.device)
-        for model in (self.clip_l, self.clip_g, self.unet, self.vae):
-            self.offload.store(model)
 
     def on_device(self, *models):
         """A block in which `models` are on self.device (they always are, unless offloading)."""
@@ -488,29 +100,22 @@ class SDXL:
             context, pooled = self.encode_prompt([prompt], subjects)
             # (at guidance 1 the unconditional half is never computed: no need to encode it)
             neg_context, neg_pooled = self.encode_negative(negative_prompt if guidance != 1 else "", 1, context, pooled)
-        time_ids = self.time_ids(height, width, 1, self.device)
-        # The batch is [conditional, unconditional]; the UNet sees both halves in one pass.
-        cond = dict(context=torch.cat([context, neg_context]).to(self.dtype),
-                    pooled=torch.cat([pooled, neg_pooled]).to(self.dtype),
-                    time_ids=torch.cat([time_ids, time_ids]))
-
+        time_ids = self.time_ids(height, width, 2, self.device)
+        # The batch is [conditional, unconditional]: the UNet sees both halves in one pass. At
+        # guidance 1, ε̂ = ε_c: the unconditional half is never read, so never computed.
+        n = 1 if guidance == 1 else 2
+        cond = (torch.cat([context, neg_context])[:n].to(self.dtype), torch.cat([pooled, neg_pooled])[:n].to(self.dtype),
+                time_ids[:n].contiguous())
         unet_step = self.graphed_unet or self.unet
-        if guidance == 1:  # ε̂ = ε_c: the unconditional half is never read, so never computed
-            cond = {k: v[:1] for k, v in cond.items()}
 
         # (inputs contiguous, as bench.py's: a compiled UNet's guards include strides)
         def eps_fn(x_t, t):
-            if guidance == 1:
-                return unet_step(x_t.to(self.dtype), t.repeat(1), cond["context"], cond["pooled"],
-                                 cond["time_ids"]).float(), None
-            x_in = torch.cat([x_t, x_t]).to(self.dtype)
-            eps_c, eps_u = unet_step(x_in, t.repeat(2), cond["context"], cond["pooled"],
-                                     cond["time_ids"]).float().chunk(2)
-            return eps_c, eps_u
+            eps = unet_step(x_t.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), *cond).float()
+            return eps.chunk(2) if n == 2 else (eps, None)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, 4, height // 8, width // 8)
-        x_T = ddim.initial_noise(generator, shape, self.device, torch.float32)
+        x_T = ddim.randn(shape, generator, self.device, torch.float32)
         with self.on_device(self.unet):
             x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generator, progress=progress)
         with self.on_device(self.vae):

@@ -37,7 +37,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention
-from model.checkpoint import CheckpointError, load_strict
 
 
 @dataclass(frozen=True)
@@ -76,43 +75,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-# A bfloat16 activation's float32 copy takes at most this many elements at a time (256 MiB):
-# the VAE's full-resolution GroupNorms see 256 x 1024 x 1024 values, 1 GiB in float32.
-GROUP_NORM_CHUNK = 2**26
-
-
-def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(variance, mean) of each (sample, group), shaped (B, G, 1), in float32 (float64 for float64 x)."""
-    B, acc = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-    xg = x.reshape(B * groups, -1)  # one row per (sample, group)
-    # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
-    # bfloat16 values lose the digits that matter. They come from float32 copies of a few
-    # groups at a time, so a 1024 px VAE activation is never copied whole.
-    # Not F.group_norm: its statistics kernel runs one thread block per (sample, group), 32
-    # blocks for one image on a 132-SM GPU; var_mean spreads a group over the whole GPU
-    # (bf16 1024 px VAE decode on one H200: 104 ms with F.group_norm, 64 ms with this).
-    rows = len(xg) if x.dtype == acc else max(1, GROUP_NORM_CHUNK // xg.shape[1])
-    stats = [torch.var_mean(xg[i : i + rows].to(acc), dim=-1, correction=0, keepdim=True)
-             for i in range(0, len(xg), rows)]
-    var, mean = stats[0] if len(stats) == 1 else (torch.cat([v for v, _ in stats]), torch.cat([m for _, m in stats]))
-    return var.view(B, groups, 1), mean.view(B, groups, 1)
-
-
-def normalize(x, var, mean, weight, bias, eps, rounded_on_write: bool):
-    """y = x·a + b per channel, a = γ/√(σ² + ε), b = β − μ·a: one multiply-add per element,
-    in float32 (a bfloat16 x is promoted), rounded once to x's dtype."""
-    B, C, G = x.shape[0], x.shape[1], var.shape[1]
-    a = weight.to(var.dtype).view(1, G, C // G) * torch.rsqrt(var + eps)  # (B, G, C/G)
-    b = bias.to(var.dtype).view(1, G, C // G) - mean * a
-    shape = (B, C) + (1,) * (x.ndim - 2)
-    a, b = a.reshape(shape), b.reshape(shape)
-    if x.dtype == var.dtype or not rounded_on_write:
-        return torch.addcmul(b, x, a).to(x.dtype)
-    # the float32 result is rounded as it is written (on a GPU, inside the kernel), never held
-    # whole in float32
-    return torch.addcmul(b, x, a, out=torch.empty_like(x))
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the model's dtype (the UNet's and the VAE's):
 
@@ -121,38 +83,9 @@ class GroupNorm32(nn.GroupNorm):
     with μ_g, σ²_g the mean and variance over the channels and pixels of channel c's group g."""
 
     def forward(self, x):
-        if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and chooses what to keep
-            return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, False)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
-            # training: the backward pass keeps x in its own dtype, not a float32 copy
-            return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-        return normalize(x, *group_norm_stats(x, self.num_groups), self.weight, self.bias, self.eps, True)
-
-
-class _GroupNormFunction(torch.autograd.Function):
-    """GroupNorm32 with autograd: saves x as it is (bfloat16) and the statistics, where autograd
-    through var_mean would save the float32 copy, twice the bytes: 2.4 GiB of a 1024 px CoCoIns
-    training step. The backward is PyTorch's own group-norm gradient, run in float32."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        var, mean = group_norm_stats(x, groups)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        ctx.groups = groups
-        return normalize(x, var, mean, weight, bias, eps, rounded_on_write=True)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # (PyTorch's group-norm gradient has no gradient itself)
-    def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        B, C, acc = x.shape[0], x.shape[1], mean.dtype
-        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-            grad.to(acc).contiguous(), x.to(acc).contiguous(), mean.reshape(B, -1), rstd.reshape(B, -1),
-            weight.to(acc), B, C, x[0, 0].numel(), ctx.groups,  # N, C, H·W, groups
-            [True, *ctx.needs_input_grad[1:3]])  # which of dx, dweight, dbias to compute
-        return (dx.to(x.dtype),
-                None if dweight is None else dweight.to(weight.dtype),
-                None if dbias is None else dbias.to(weight.dtype), None, None)
+        # PITFALL: SDXL normalises in float32 (sgm's GroupNorm32): mean and variance over 10⁵–10⁷
+        # bfloat16 values lose the digits that matter.
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -163,9 +96,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(GroupNorm32(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         # Slot 2 is sgm's Dropout (p = 0 for SDXL); the Identity keeps the official index of the conv.
-        self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        )
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_ch), nn.SiLU(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         # A 1×1 conv only where the channel count changes (first ResBlock of a level, every up block).
         self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
@@ -189,14 +120,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-
-        # (B, L, heads·D) -> (B, heads, L, D)
-        def split(z):
-            return z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        # softmax(q·kᵀ/√D)·v per head, q from x, k and v from the context
-        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        # q from x, k and v from the context: (B, L, heads·D) -> (B, heads, L, D)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for z in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        # softmax(q·kᵀ/√D)·v per head
+        return self.to_out(attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class GEGLU(nn.Module):
@@ -207,30 +135,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        h = self.proj(x)
-        if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
-            return _GEGLUFunction.apply(h)
-        a, gate = h.chunk(2, dim=-1)
+        a, gate = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
-
-
-class _GEGLUFunction(torch.autograd.Function):
-    """a ⊙ GELU(g) with autograd, keeping only [a, g] (which the backward needs anyway) and
-    recomputing GELU(g) in the backward: plain autograd would also keep GELU(g), the MLP's
-    widest tensor (2.3 GiB of a 1024 px CoCoIns training step)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        a, gate = h.chunk(2, dim=-1)
-        return a * F.gelu(gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        a, gate = h.chunk(2, dim=-1)
-        # d/da = GELU(g);  d/dg = a · GELU'(g)  (PyTorch's own GELU derivative)
-        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * a, gate)], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -270,9 +176,7 @@ class SpatialTransformer(nn.Module):
         # eps 1e-6 here, unlike the ResBlocks' 1e-5 (sgm's Normalize vs normalization)
         self.norm = GroupNorm32(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)  # SDXL projects with Linear layers, not 1×1 convs
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, context_dim, head_dim) for _ in range(depth)]
-        )
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, head_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x, context):
@@ -344,9 +248,7 @@ class UNet(nn.Module):
         # t: sinusoid (320) -> MLP -> emb (1280)
         self.time_embed = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
         # y (2816) -> MLP -> added to emb; sgm nests this MLP in one more Sequential, hence label_emb.0.0
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E))
-        )
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E)))
 
         # Down: a conv from latent to features, then per level num_res_blocks × (ResBlock
         # [+ SpatialTransformer]) and a Downsample (but not after the last level).
@@ -363,11 +265,8 @@ class UNet(nn.Module):
                 self.input_blocks.append(Block(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = Block(
-            ResBlock(ch, ch, E),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.head_dim),
-            ResBlock(ch, ch, E),
-        )
+        self.middle_block = Block(ResBlock(ch, ch, E), SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim,
+                                                                      cfg.head_dim), ResBlock(ch, ch, E))
 
         # Up: per level (deepest first) num_res_blocks + 1 × (ResBlock on [h, skip] [+ SpatialTransformer]),
         # the last one of each level but the top followed by an Upsample.
@@ -422,206 +321,3 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
 
         return self.out(h)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: architecture from the checkpoint, the diffusers name table, build
-# ---------------------------------------------------------------------------------------------
-
-
-def _count_transformer_blocks(shapes, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
-
-
-# What a state dict is, judged by one telltale name, for error messages.
-_LOOKS_LIKE = {
-    "decoder.conv_in.weight": "an autoencoder (VAE)",
-    "text_model.embeddings.token_embedding.weight": "a CLIP text encoder",
-    "token_embedding.weight": "an OpenCLIP text encoder",
-}
-
-
-def _not_an_sdxl_unet(shapes) -> str | None:
-    """Why these tensors cannot be an SDXL UNet in the official layout (None if they can be)."""
-    keys = list(shapes)
-    if not keys:
-        return "the UNet checkpoint holds no tensors"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "the UNet tensors still carry the single-file prefix model.diffusion_model., strip it before building"
-    if "conv_in.weight" in shapes or any(k.startswith("down_blocks.") for k in keys):
-        return "these UNet tensors are in the diffusers layout, convert them with model.unet.from_diffusers first"
-    if "input_blocks.0.0.weight" not in shapes:
-        what = next((v for k, v in _LOOKS_LIKE.items() if k in shapes), f"something else ({sorted(keys)[0]}, …)")
-        return f"these tensors are not a UNet but {what}; point the UNet at an SDXL base checkpoint"
-    if "label_emb.0.0.weight" not in shapes:
-        return (
-            "this UNet has no added-conditioning MLP (label_emb), so it is a Stable Diffusion 1.x/2.x UNet, "
-            "not SDXL; use an SDXL base checkpoint"
-        )
-    if any(k.endswith("proj_in.weight") and len(shapes[k]) != 2 for k in keys):
-        return (
-            "this UNet's transformers project with 1×1 convolutions (Stable Diffusion 1.x style) instead of "
-            "SDXL's linear layers; use an SDXL base checkpoint"
-        )
-    return None
-
-
-def config_from_state_dict(shapes: dict[str, tuple]) -> UNetConfig:
-    """Read the architecture from official (unprefixed) tensor names and shapes."""
-    problem = _not_an_sdxl_unet(shapes)
-    if problem:
-        raise CheckpointError(problem)
-    try:
-        return _read_config(shapes)
-    except KeyError as e:
-        raise CheckpointError(
-            f"the UNet checkpoint has no tensor {e.args[0]}, so it is incomplete; download it again"
-        ) from None
-
-
-def _read_config(shapes) -> UNetConfig:
-    C = shapes["input_blocks.0.0.weight"][0]
-    # Walk the input blocks: a Downsample (".0.op") closes a level; every other block starts with a ResBlock.
-    n_input = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
-    levels = [[]]
-    for i in range(1, n_input):
-        if f"input_blocks.{i}.0.op.weight" in shapes:
-            levels.append([])
-        else:
-            levels[-1].append(i)
-    return UNetConfig(
-        in_channels=shapes["input_blocks.0.0.weight"][1],
-        out_channels=shapes["out.2.weight"][0],
-        model_channels=C,
-        channel_mult=tuple(shapes[f"input_blocks.{blocks[0]}.0.in_layers.2.weight"][0] // C for blocks in levels),
-        num_res_blocks=len(levels[0]),
-        transformer_depth=tuple(
-            _count_transformer_blocks(shapes, f"input_blocks.{blocks[0]}.1.transformer_blocks.") for blocks in levels
-        ),
-        transformer_depth_middle=_count_transformer_blocks(shapes, "middle_block.1.transformer_blocks."),
-        context_dim=shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
-        adm_in_channels=shapes["label_emb.0.0.weight"][1],
-    )
-
-
-# Inside a ResBlock diffusers renames the layers; inside a transformer every name is the same.
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_MLP = {"linear_1": "0", "linear_2": "2"}
-
-
-def _diffusers_block_table(levels: int, num_res_blocks: int, up_attention: list[bool]) -> dict:
-    """diffusers block name -> (official block name, renames of that block's direct children)."""
-    table = {
-        "conv_in": ("input_blocks.0.0", {}),
-        "time_embedding": ("time_embed", _MLP),
-        "add_embedding": ("label_emb.0", _MLP),
-        "mid_block.resnets.0": ("middle_block.0", _RESNET),
-        "mid_block.attentions.0": ("middle_block.1", {}),
-        "mid_block.resnets.1": ("middle_block.2", _RESNET),
-        "conv_norm_out": ("out.0", {}),
-        "conv_out": ("out.2", {}),
-    }
-    # Down: input block 0 is conv_in; then per level num_res_blocks blocks of ResBlock (.0) and
-    # transformer (.1), then one Downsample block (its conv is called `op`), except after the last level.
-    i = 1
-    for level in range(levels):
-        for j in range(num_res_blocks):
-            table[f"down_blocks.{level}.resnets.{j}"] = (f"input_blocks.{i}.0", _RESNET)
-            table[f"down_blocks.{level}.attentions.{j}"] = (f"input_blocks.{i}.1", {})
-            i += 1
-        if level < levels - 1:
-            table[f"down_blocks.{level}.downsamplers.0"] = (f"input_blocks.{i}.0", {"conv": "op"})
-            i += 1
-    # Up: num_res_blocks + 1 blocks per level; the Upsample joins the level's last block, after
-    # the transformer (.2) where the level has one, else right after the ResBlock (.1).
-    for level in range(levels):
-        for j in range(num_res_blocks + 1):
-            o = level * (num_res_blocks + 1) + j
-            table[f"up_blocks.{level}.resnets.{j}"] = (f"output_blocks.{o}.0", _RESNET)
-            table[f"up_blocks.{level}.attentions.{j}"] = (f"output_blocks.{o}.1", {})
-        table[f"up_blocks.{level}.upsamplers.0"] = (f"output_blocks.{o}.{2 if up_attention[level] else 1}", {})
-    return table
-
-
-def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers UNet2DConditionModel state dict to the official names (pure renames)."""
-    keys = list(sd)
-    if not any(k.startswith("down_blocks.") for k in keys):
-        raise CheckpointError(
-            f"these tensors ({', '.join(sorted(keys)[:2])}, …) are not a diffusers UNet "
-            "(no down_blocks.…); pass the file from the unet/ folder of a diffusers SDXL model"
-        )
-    levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
-    num_res_blocks = len({k.split(".")[3] for k in keys if k.startswith("down_blocks.0.resnets.")})
-    up_attention = [any(k.startswith(f"up_blocks.{level}.attentions.") for k in keys) for level in range(levels)]
-    table = _diffusers_block_table(levels, num_res_blocks, up_attention)
-
-    out = {}
-    for name, tensor in sd.items():
-        parts = name.split(".")
-        # A block name is 4 parts (down_blocks.1.resnets.0), 3 (mid_block.resnets.0) or 1 (conv_in) long.
-        for n in (4, 3, 1):
-            block = ".".join(parts[:n])
-            if block in table and len(parts) > n:
-                break
-        else:
-            raise CheckpointError(
-                f"the diffusers UNet has a tensor {name} that SDXL's UNet does not have, so it is not an SDXL base UNet"
-            )
-        official, children = table[block]
-        child = parts[n]
-        out[".".join([official, children.get(child, child), *parts[n + 1:]])] = tensor
-    return out
-
-
-def build(sd: dict[str, torch.Tensor]) -> UNet:
-    """The UNet for an official-layout state dict (prefix stripped), built on meta and assigned."""
-    cfg = config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    with torch.device("meta"):
-        unet = UNet(cfg)
-    # The official file's UNet part holds exactly the module's tensors: nothing to ignore.
-    return load_strict(unet, sd, "UNet")
-
-
-# ---------------------------------------------------------------------------------------------
-# Speed: torch.compile
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_MODES = ("regional", "full")
-
-
-def compile_unet(unet: UNet, mode: str = "regional") -> UNet:
-    """torch.compile the UNet in place (same object, same parameter names) and return it.
-
-    regional  every BasicTransformerBlock and every ResBlock is compiled on its own. The 70
-              transformer blocks of SDXL share two compiled graphs (one per width), the 22
-              ResBlocks twelve (one per input/output width and resolution): small graphs,
-              compiled in seconds, so the first image comes quickly. The rest of the UNet
-              (embeddings, norms around the transformers, up/downsampling) stays eager.
-    full      the whole forward pass as one graph: the most fusion, the longest compilation.
-
-    Shapes are static: each image size and batch compiles once, and a new size compiles anew
-    instead of switching to slower shape-generic kernels. The timestep reaches the UNet as a
-    tensor, so the steps of a sampling loop never recompile (tests/test_speed.py fails on it)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-    # PITFALL: dynamo keeps at most `recompile_limit` (8) compiled versions of one function;
-    # past that, with fullgraph=True, it raises. Regional compilation of SDXL needs twelve
-    # versions of ResBlock.forward per image size and batch, so the limit is raised.
-    # (`cache_size_limit` before PyTorch 2.7)
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    if mode == "full":
-        unet.compile(dynamic=False, fullgraph=True)
-        return unet
-    for module in unet.modules():
-        if isinstance(module, (BasicTransformerBlock, ResBlock)):
-            module.compile(dynamic=False, fullgraph=True)
-    return unet

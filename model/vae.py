@@ -26,17 +26,14 @@ Shape of the network (SDXL base numbers, `VAEConfig` defaults):
     post_quant_conv (1x1) -> decoder: the mirror image, three ResNet blocks per level and a
              nearest-neighbour 2x upsample + conv between levels, conv_out -> 3 channels.
 
-Precision: the SDXL VAE overflows in float16 (activations in the decoder exceed 65504 and the
-image turns to NaN/black). We never run it in float16: `build` upcasts float16 weights to
-float32 (the VAE is 84 M parameters, 335 MB in float32), and `encode`/`decode` refuse a VAE
-that was cast to float16 afterwards. Finetunes such as "sdxl-vae-fp16-fix" would survive
-float16, but float32 and bfloat16 are right for every VAE, so we do not tell them apart.
-bfloat16 has float32's range and is fine.
+Precision: the SDXL VAE overflows in float16 (decoder activations exceed 65504: NaN/black images).
+It never runs in float16: the loader upcasts float16 weights to float32 (84 M parameters, 335 MB)
+and `encode`/`decode` refuse a VAE cast to float16 afterwards. bfloat16 has float32's range and is
+fine. (Finetunes like "sdxl-vae-fp16-fix" survive float16; float32 and bfloat16 suit every VAE.)
 
-Read next: model/unet.py (what consumes the latents), model/ddim.py (how they are sampled).
+Read next: model/ddim.py (how the latents are sampled).
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import attention
-from model.checkpoint import CheckpointError, UserError, load_strict
-from model.unet import GroupNorm32  # float32 statistics, bounded memory
+from model.errors import UserError
+from model.unet import GroupNorm32  # float32 statistics
 
 # SDXL's latent scale: z · 0.13025 has roughly unit variance, which the UNet was trained on
 # (sgm `scale_factor`, diffusers `scaling_factor`; SD 1.x used 0.18215).
@@ -85,16 +82,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x):
-        # swish(x) = x·sigmoid(x) = silu. Without autograd (decoding, encoding for the latent
-        # cache) silu and the skip addition run in place on fresh outputs, and each intermediate
-        # is dropped as soon as it is used: a 1024 px activation is 0.25–0.5 GiB, and these keep
-        # the decode's peak at about 1.2 GiB above the weights instead of 2.5.
-        inplace = not torch.is_grad_enabled()
-        h = F.silu(self.norm2(self.conv1(F.silu(self.norm1(x), inplace=inplace))), inplace=inplace)
-        h = self.conv2(h)
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return h.add_(x) if inplace else x + h
+        # swish(x) = x·sigmoid(x) = silu
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
 class Downsample(nn.Module):
@@ -152,8 +143,7 @@ class MidBlock(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    """One resolution of the encoder: `block` ResNets, then (except at the last level) a downsample
-    (a container: Encoder.forward runs its parts)."""
+    """A container (Encoder.forward runs its parts): `block` ResNets, then a downsample but at the last level."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool, groups: int):
         super().__init__()
@@ -180,13 +170,12 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            # block by block (not `h = level(h)`, which keeps each level's input alive to its end)
             for block in level.block:
                 h = block(h)
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 @dataclass
@@ -201,13 +190,6 @@ class DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         # the reference clamps log σ² to [-30, 20] so exp() stays finite
         return cls(mean, logvar.clamp(-30.0, 20.0))
-
-    def sample(self, generator: torch.Generator | None = None):
-        # z = μ + σ·ε,  σ = exp(½·logvar).  ε is drawn on the generator's device and then moved,
-        # as diffusers draws it, so a CPU generator gives the same z as diffusers on any device.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device)
 
     def mode(self):
         return self.mean
@@ -229,8 +211,7 @@ class Upsample(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    """One resolution of the decoder: `block` ResNets, then (except at level 0) an upsample
-    (a container: Decoder.forward runs its parts)."""
+    """A container (Decoder.forward runs its parts): `block` ResNets, then an upsample but at level 0."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool, groups: int):
         super().__init__()
@@ -260,13 +241,11 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            # block by block here rather than `h = level(h)`, which would keep the level's input
-            # alive (in this frame's h) until the whole level had run
             for block in level.block:
                 h = block(h)
             if level.upsample is not None:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,10 +272,8 @@ class AutoencoderKL(nn.Module):
         dtype = self.quant_conv.weight.dtype
         if dtype == torch.float16:
             # PITFALL: the SDXL VAE overflows in float16 (NaN/black images).
-            raise UserError(
-                "the SDXL VAE overflows in float16, so keep it in float32 or bfloat16 "
-                "(build() already loads float16 weights as float32)"
-            )
+            raise UserError("the SDXL VAE overflows in float16, so keep it in float32 or bfloat16 "
+                            "(model/checkpoint.py already loads float16 weights as float32)")
         return dtype
 
     def encode(self, x) -> DiagonalGaussian:
@@ -305,101 +282,3 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z.to(self._dtype())))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: architecture from names and shapes, the diffusers layout, build.
-
-
-def _describe(names) -> str:
-    """What a set of tensor names looks like, for the error when it is not an official-layout VAE."""
-    names = list(names)
-    if any(n.startswith("first_stage_model.") for n in names):
-        return "official VAE names that still carry the 'first_stage_model.' prefix, which must be stripped first"
-    if any(n.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for n in names):
-        return "a VAE in the diffusers layout, which must go through vae.from_diffusers() first"
-    if any(n.startswith("encoder.conv_in.") for n in names) and "quant_conv.weight" not in names:
-        return "a VAE without quant_conv (like the 16-channel SD3/FLUX autoencoder), which SDXL cannot use"
-    if any(n.startswith(("input_blocks.", "time_embed.", "time_embedding.", "model.diffusion_model.")) for n in names):
-        return "a UNet"
-    if any("text_model." in n or "transformer.resblocks." in n or "token_embedding" in n for n in names):
-        return "a text encoder"
-    shown = ", ".join(sorted(names)[:3]) or "nothing"
-    return f"something else (first tensors: {shown})"
-
-
-def config_from_state_dict(shapes: dict[str, tuple]) -> VAEConfig:
-    """Read the VAE architecture from official (prefix-stripped) tensor names and shapes."""
-    required = (
-        "encoder.conv_in.weight",
-        "encoder.down.0.block.0.conv1.weight",
-        "decoder.conv_in.weight",
-        "decoder.conv_out.weight",
-        "quant_conv.weight",
-    )
-    if not all(name in shapes for name in required):
-        raise CheckpointError(
-            f"these weights are not an SDXL VAE in the official layout: they look like {_describe(shapes)}"
-        )
-    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-    levels = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", n)))
-    blocks = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", n)))
-    # each level's width is the output width of its first ResNet's first conv
-    widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
-    return VAEConfig(
-        in_channels=in_channels,
-        out_channels=shapes["decoder.conv_out.weight"][0],
-        ch=ch,
-        ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=blocks,
-        z_channels=shapes["decoder.conv_in.weight"][1],
-    )
-
-
-# diffusers AutoencoderKL name -> official name, applied in order to each tensor name; the
-# parts the two layouts share (conv_in, conv_out, norm1/conv1/norm2/conv2, quant_conv,
-# post_quant_conv) need no rule. Decoder level indices are reversed before this table runs.
-_DIFFUSERS_TO_OFFICIAL = [
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.\1.block.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.upsample."),
-    (r"\.conv_shortcut\.", r".nin_shortcut."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_q\.", r"\1.mid.attn_1.q."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_k\.", r"\1.mid.attn_1.k."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_v\.", r"\1.mid.attn_1.v."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-]
-
-
-def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers AutoencoderKL state dict (`vae/diffusion_pytorch_model.safetensors`)
-    to the official layout. Works on meta tensors."""
-    levels = 1 + max((int(m[1]) for n in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", n))), default=-1)
-    out = {}
-    for name, t in sd.items():
-        # PITFALL: diffusers numbers decoder levels in execution order (up_blocks.0 = lowest
-        # resolution); the official file numbers them by resolution like the encoder
-        # (up.0 = full resolution), so up_blocks.i is up.{levels-1-i}.
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.", name)
-        for pattern, repl in _DIFFUSERS_TO_OFFICIAL:
-            new = re.sub(pattern, repl, new)
-        # diffusers' mid attention is nn.Linear [C, C]; the official file has 1x1 convs [C, C, 1, 1]
-        if ".mid.attn_1." in new and new.endswith(".weight") and t.ndim == 2:
-            t = t[:, :, None, None]
-        out[new] = t
-    return out
-
-
-def build(sd: dict[str, torch.Tensor]) -> AutoencoderKL:
-    """The VAE for an official-layout (prefix-stripped) state dict: built on meta, weights assigned."""
-    cfg = config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    # float16 weights (e.g. the diffusers `.fp16` variant) are upcast: see "Precision" above
-    sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return load_strict(model, sd, "VAE")

@@ -492,3 +492,142 @@ def test_image_readability_check_catches_truncated_and_accepts_trailing_bytes(tm
     assert data.image_is_readable(good) and data.image_is_readable(padded) and data.image_is_readable(png)
     assert not data.image_is_readable(cut)
     assert not data.image_is_readable(str(tmp_path / "absent.jpg"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Any image folder, any concept
+
+
+DOG_CAPTIONS = ["a dog on the grass", "a brown dog lying in the sun", "a photo of a sleepy dog"]
+
+
+def make_image_folder(root, names=("rex.jpg", "park/bella.png", "park/deep/max.webp"), size=(96, 64), concept="dog"):
+    """A folder of images in subfolders with captions.jsonl and masks/ as prepare_data.py writes them;
+    each mask marks the left half of its image."""
+    w, h = size
+    with open(os.path.join(root, "captions.jsonl"), "w") as f:
+        for k, name in enumerate(names):
+            save_image(os.path.join(root, name), w=w, h=h, seed=k)
+            mask = np.zeros((h, w), np.uint8)
+            mask[:, : w // 2] = 255
+            mask_path = os.path.join(root, "masks", os.path.splitext(name)[0] + ".png")
+            os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+            Image.fromarray(mask).save(mask_path)
+            f.write(json.dumps({"image": name, "captions": DOG_CAPTIONS, "concept": concept}) + "\n")
+    return list(names)
+
+
+def test_a_plain_image_folder_in_subfolders_reads_with_its_concept_from_captions_jsonl(tmp_path):
+    make_image_folder(str(tmp_path))
+    ds = dataset(tmp_path)
+    assert ds.layout.name == "image folder"
+    assert [item[0] for item in ds.items] == ["park/bella.png", "park/deep/max.webp", "rex.jpg"]
+    assert ds.summary.endswith("3 images (split all; captions 3 from captions.jsonl; masks 3 from masks/); nothing skipped")
+    for i in range(3):
+        item = ds[i]
+        assert item["concept"] == "dog" and set(item["captions"]) <= set(DOG_CAPTIONS)
+        assert item["captions"][0] != item["captions"][1]
+        # 96 x 64 -> 96 x 64 at R = 64 (already the shorter side), center crop from column 16: the
+        # mask's left half (columns < 48) covers crop columns < 32, latent columns < 4.
+        assert item["time_ids"].tolist() == [64, 96, 0, 16, 64, 64]
+        expected = torch.zeros(8, 8)
+        expected[:, :4] = 1
+        assert torch.equal(item["mask"][0], expected)
+    batch = collate([ds[0], ds[1]])
+    assert batch["concept"] == ["dog", "dog"] and batch["image"].shape == (2, 3, 64, 64)
+
+
+def test_a_multi_word_concept_in_a_plain_folder(tmp_path):
+    make_image_folder(str(tmp_path), names=("a.jpg", "b.jpg"), concept="teddy bear")
+    lines = [json.loads(line) for line in open(tmp_path / "captions.jsonl")]
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        for line in lines:
+            line["captions"] = ["a teddy bear on a bed", "a worn Teddy  Bear", "a bear"]  # the last lacks "teddy"
+            f.write(json.dumps(line) + "\n")
+    ds = dataset(tmp_path)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        assert set(ds[0]["captions"]) == {"a teddy bear on a bed", "a worn Teddy  Bear"} and ds[0]["concept"] == "teddy bear"
+
+
+def test_the_toy_world_export_reads_without_attribute_or_landmark_tables(tmp_path):
+    # img_align_celeba/*.png, captions.jsonl, masks/*.png, identity and partition tables only
+    names = [f"{k:06d}.png" for k in range(1, 5)]
+    for k, name in enumerate(names):
+        save_image(str(tmp_path / "img_align_celeba" / name), w=32, h=32, seed=k)
+    os.makedirs(tmp_path / "masks")
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        for name in names:
+            Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "masks" / name)
+            f.write(json.dumps({"image": name, "captions": ["a red woman", "a woman on a beach"], "concept": "woman"}) + "\n")
+    write_table(str(tmp_path / "identity_CelebA.txt"), [(n, [k % 2]) for k, n in enumerate(names)], count=False)
+    write_table(str(tmp_path / "list_eval_partition.txt"), [(n, [0 if k < 3 else 2]) for k, n in enumerate(names)], count=False)
+    ds = dataset(tmp_path, resolution=32)
+    assert ds.layout.name == "official CelebA (flat)" and ds.layout.attributes is None and ds.layout.landmarks is None
+    assert "4 images (split all; captions 4 from captions.jsonl; masks 4 from masks/); nothing skipped" in ds.summary
+    assert ds[0]["concept"] == "woman" and ds[0]["mask"].min() == 1
+    assert [item[0] for item in dataset(tmp_path, resolution=32, split="test").items] == ["img_align_celeba/000004.png"]
+
+
+@pytest.mark.parametrize("caption, concept, count", [
+    ("a woman reading", "woman", 1),
+    ("a womanly figure", "woman", 0),  # inside another word
+    ("a superwoman", "woman", 0),
+    ("A Woman's hat, and another woman", "woman", 2),
+    ("a person", "woman", 0),
+    ("a teddy bear and a bear", "teddy bear", 1),  # several tokens
+    ("a teddy\nbear", "teddy bear", 1),
+    ("a teddy bears' picnic", "teddy bear", 0),
+    ("a t-rex roaring", "t-rex", 1),
+    ("anything", "", 0),
+])
+def test_the_concept_counts_only_as_a_whole_word(caption, concept, count):
+    assert data.count_concept(caption, concept) == count
+
+
+def test_a_folder_without_images_is_one_sentence(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(UserError, match=r"^no CelebA found in .* and no images \(jpg, jpeg, png, webp\) in it") as e:
+        dataset(tmp_path)
+    assert str(e.value).count(". ") == 0
+    (tmp_path / "captions.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"^no images \(jpg, jpeg, png, webp\) in .* or its subfolders$"):
+        dataset(tmp_path)
+    with pytest.raises(UserError, match="is not a folder"):
+        dataset(tmp_path / "absent")
+
+
+def test_images_without_captions_jsonl_point_to_prepare_data(tmp_path):
+    save_image(str(tmp_path / "dogs" / "rex.jpg"))
+    with pytest.raises(UserError, match=r"holds images but no captions.jsonl .*python prepare_data.py --data .* --concept WORD"):
+        dataset(tmp_path)
+
+
+def test_a_captions_line_for_a_missing_image_is_one_sentence_naming_it(tmp_path):
+    make_image_folder(str(tmp_path))
+    before = (tmp_path / "captions.jsonl").read_text()
+    append_line(tmp_path / "captions.jsonl", json.dumps({"image": "park/gone.jpg", "captions": DOG_CAPTIONS, "concept": "dog"}))
+    with pytest.raises(UserError, match=r"captions.jsonl has a line for park/gone, which is not an image in "):
+        dataset(tmp_path)
+    assert (tmp_path / "captions.jsonl").read_text().startswith(before)  # nothing the user wrote is touched
+    # the same for CelebA's flat folders
+    make_celeba(tmp_path / "celeba", n=2)
+    with open(tmp_path / "celeba" / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "000009.jpg", "captions": ["a man", "the man"], "concept": "man"}) + "\n")
+    with pytest.raises(UserError, match=r"has a line for 000009, which is not an image"):
+        dataset(tmp_path / "celeba")
+
+
+def test_a_mask_of_the_wrong_size_is_one_sentence_naming_both_sizes(tmp_path):
+    make_image_folder(str(tmp_path))
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(tmp_path / "masks" / "park" / "bella.png")
+    with pytest.raises(UserError, match=r"mask .*masks/park/bella.png is 48x32 but its image .*park/bella.png is 96x64; "):
+        dataset(tmp_path)
+
+
+def test_a_truncated_webp_is_counted_unreadable(tmp_path):
+    make_image_folder(str(tmp_path))
+    truncate(tmp_path / "park" / "deep" / "max.webp")
+    ds = dataset(tmp_path)
+    assert len(ds) == 2 and ds.summary.endswith("skipped 1 of 3 images: 1 unreadable")

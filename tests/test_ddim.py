@@ -106,29 +106,17 @@ def test_last_step_lands_on_alpha_bar_0_not_1():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 4, 8, 8), (3, 4, 6, 5)])
 def test_initial_noise_equals_diffusers_randn_tensor(shape, dtype):
-    # one seed, one generator for the whole batch
     expected = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(42), device=torch.device("cpu"), dtype=dtype)
-    assert torch.equal(ddim.initial_noise(42, shape, "cpu", dtype), expected)
-    # one seed per image = diffusers given a list of generators; row b depends only on seed b
-    seeds = [7, 8, 9][: shape[0]]
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    expected = randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype)
-    ours = ddim.initial_noise(seeds, shape, "cpu", dtype)
+    ours = ddim.randn(shape, torch.Generator("cpu").manual_seed(42), "cpu", dtype)
     assert ours.dtype == dtype and torch.equal(ours, expected)
-    assert torch.equal(ours[-1:], ddim.initial_noise(seeds[-1], (1, *shape[1:]), "cpu", dtype))
-
-
-def test_initial_noise_needs_one_seed_per_image():
-    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
-        ddim.initial_noise([1, 2], (3, 4, 2, 2), "cpu", torch.float32)
 
 
 def test_initial_noise_equals_the_sdxl_pipelines_starting_latents():
     # The pipeline's own prepare_latents (unbound; it only reads these two attributes).
     pipe = SimpleNamespace(vae_scale_factor=8, scheduler=sdxl_scheduler())
-    gens = [torch.Generator("cpu").manual_seed(s) for s in (3, 4)]
-    expected = StableDiffusionXLPipeline.prepare_latents(pipe, 2, 4, 48, 40, torch.float32, torch.device("cpu"), gens)
-    assert torch.equal(ddim.initial_noise([3, 4], (2, 4, 6, 5), "cpu", torch.float32), expected)
+    expected = StableDiffusionXLPipeline.prepare_latents(pipe, 2, 4, 48, 40, torch.float32, torch.device("cpu"),
+                                                         torch.Generator("cpu").manual_seed(3))
+    assert torch.equal(ddim.randn((2, 4, 6, 5), torch.Generator("cpu").manual_seed(3), "cpu", torch.float32), expected)
 
 
 def fake_unet(x, t, cond):
@@ -163,17 +151,15 @@ def diffusers_loop(x_T, n, guidance, eta, generator, cond, uncond):
 # one-ulp differences to ~1e-4 on values ~30 over 30 guided steps; a wrong step is off by O(1).
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 3e-4)])
 @pytest.mark.parametrize(
-    "n, guidance, eta, per_image_seeds",
-    [(30, 5.0, 0.0, True), (30, 7.5, 1.0, True), (12, 5.0, 1.0, False), (50, 1.0, 0.0, True), (4, 3.0, 0.5, True)],
+    "n, guidance, eta",
+    [(30, 5.0, 0.0), (30, 7.5, 1.0), (12, 5.0, 1.0), (50, 1.0, 0.0), (4, 3.0, 0.5)],
 )
-def test_sampling_loop_equals_diffusers_pipeline_loop(n, guidance, eta, per_image_seeds, dtype, tol):
-    shape, seeds = (2, 4, 6, 5), [11, 12]
+def test_sampling_loop_equals_diffusers_pipeline_loop(n, guidance, eta, dtype, tol):
+    shape = (2, 4, 6, 5)
     cond, uncond = torch.tensor([0.3, -0.2], dtype=dtype), torch.tensor([0.0, 0.0], dtype=dtype)
-    seed = seeds if per_image_seeds else 11
-
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds] if per_image_seeds else torch.Generator("cpu").manual_seed(11)
-    x_T = randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype)
-    expected = diffusers_loop(x_T, n, guidance, eta, gens, cond, uncond)
+    generator = torch.Generator("cpu").manual_seed(11)
+    x_T = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+    expected = diffusers_loop(x_T, n, guidance, eta, generator, cond, uncond)
 
     calls = []
 
@@ -183,20 +169,20 @@ def test_sampling_loop_equals_diffusers_pipeline_loop(n, guidance, eta, per_imag
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_cond, eps_uncond
 
-    # as model/sdxl.py does: the generators draw x_T, then keep drawing the η-noise
-    ours_gens = ddim.generators(seed)
-    ours_x_T = ddim.initial_noise(ours_gens, shape, "cpu", dtype)
+    # as model/sdxl.py does: the generator draws x_T, then keeps drawing the η-noise
+    ours_generator = torch.Generator("cpu").manual_seed(11)
+    ours_x_T = ddim.randn(shape, ours_generator, "cpu", dtype)
     assert torch.equal(ours_x_T, x_T)
-    ours = ddim.sample(eps_fn, ours_x_T, n, guidance, eta, ours_gens)
+    ours = ddim.sample(eps_fn, ours_x_T, n, guidance, eta, ours_generator)
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
     assert [t.tolist() for t in calls] == [[t, t] for t in ddim.timesteps(n).tolist()]
     assert all(t.dtype == torch.long for t in calls)
 
 
-def test_eta_noise_comes_from_the_given_generators():
+def test_eta_noise_comes_from_the_given_generator():
     x_T = torch.randn(1, 4, 4, 4)
-    run = lambda seed: ddim.sample(lambda x, t: (0.5 * x, None), x_T, 5, 1.0, 1.0, ddim.generators(seed))
+    run = lambda seed: ddim.sample(lambda x, t: (0.5 * x, None), x_T, 5, 1.0, 1.0, torch.Generator().manual_seed(seed))
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
 
@@ -218,7 +204,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 def test_sampling_loop_never_synchronises_with_the_gpu():
-    x_T = ddim.randn((2, 4, 16, 16), gens := ddim.generators([1, 2]), "cuda", torch.bfloat16)
+    x_T = ddim.randn((2, 4, 16, 16), gen := torch.Generator().manual_seed(1), "cuda", torch.bfloat16)
     calls = []
 
     def eps_fn(x_t, t):
@@ -228,7 +214,7 @@ def test_sampling_loop_never_synchronises_with_the_gpu():
         return torch.sin(x_t) * t.reshape(-1, 1, 1, 1) / 1000, 0.5 * x_t
 
     try:
-        out = ddim.sample(eps_fn, x_T, 20, 5.0, 1.0, gens, progress=True)
+        out = ddim.sample(eps_fn, x_T, 20, 5.0, 1.0, gen, progress=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(calls) == 20 and out.device.type == "cuda" and out.dtype == torch.bfloat16
@@ -236,6 +222,6 @@ def test_sampling_loop_never_synchronises_with_the_gpu():
 
 @cuda
 def test_initial_noise_on_the_gpu_equals_diffusers():
-    expected = randn_tensor((2, 4, 16, 16), generator=[torch.Generator().manual_seed(s) for s in (5, 6)], device=torch.device("cuda"), dtype=torch.bfloat16)
-    ours = ddim.initial_noise([5, 6], (2, 4, 16, 16), "cuda", torch.bfloat16)
+    expected = randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(5), device=torch.device("cuda"), dtype=torch.bfloat16)
+    ours = ddim.randn((2, 4, 16, 16), torch.Generator().manual_seed(5), "cuda", torch.bfloat16)
     assert ours.device.type == "cuda" and torch.equal(ours, expected)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import LossConfig, background_loss, cocoins_loss, contrastive_loss, distance, lambda_neg, masked_distance
+from losses import LossConfig, background_loss, cocoins_loss, distance, lambda_neg, masked_distance
 from model.checkpoint import UserError
 
 
@@ -52,6 +52,12 @@ def test_lambda_neg_schedule_at_start_middle_and_end():
     assert lambda_neg(20, 10, gamma=2.0, beta=3.0) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="K"):
         lambda_neg(0, 0, gamma=1.0, beta=1.0)
+
+
+def contrastive_loss(x_anchor, x_pos, x_neg, m, lambda_neg, dist="l2", eps=1e-4):
+    """L_con as cocoins_loss computes it, at the last step (k = K), where λ_neg = γ."""
+    config = LossConfig(distance=dist, gamma=lambda_neg, beta=1.0, eps=eps)
+    return cocoins_loss(x_anchor, x_pos, x_neg, x_anchor, x_pos, m, 1, 1, config).l_con
 
 
 def test_contrastive_loss_adds_the_reciprocal_of_the_negative_distance_not_its_negation():

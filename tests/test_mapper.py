@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model.mapper as mapper_lib
-from model.checkpoint import CheckpointError, UserError, read_metadata
+import model.checkpoint as checkpoint
+from model.checkpoint import CheckpointError, load_mapper, read_metadata, save_mapper
+from model.errors import UserError
 from model.mapper import (
     Mapper,
     MapperConfig,
@@ -18,8 +19,6 @@ from model.mapper import (
     insert,
     insert_many,
     insert_subjects,
-    load_mapper,
-    save_mapper,
 )
 
 BOS, EOS = 49406, 49407  # CLIP's special tokens (model/clip.py defines them; restated so this test stands alone)
@@ -306,7 +305,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_partial_one(tm
             f.write(b"\x00" * 100)  # half a file, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mapper_lib, "save_file", crash_midway)
+    monkeypatch.setattr(checkpoint, "save_file", crash_midway)
     second = Mapper(TINY, [embedding_stats(t) for t in token_tables()])
     with pytest.raises(KeyboardInterrupt):
         save_mapper(path, second)

@@ -89,4 +89,7 @@ def test_several_prompts_and_seeds_give_one_png_each_and_a_contact_sheet(tiny, t
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == 5 and "contact_sheet.png" in pngs
     sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.size == (2 * SIZE, 2 * SIZE)  # rows = prompts, columns = seeds
+    # rows = prompts, columns = seeds: the 2 x 2 images in the lower right, labels in the margins
+    assert sheet.size[0] > 2 * SIZE and sheet.size[1] > 2 * SIZE
+    assert json.loads(sheet.text["rows"]) == {"prompt": ["a cat", "a dog"]}
+    assert json.loads(sheet.text["columns"]) == {"seed": [0, 1]}

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from model.mapper import Mapper, MapperConfig, embedding_stats, save_mapper
+from model.checkpoint import save_mapper
+from model.mapper import Mapper, MapperConfig, embedding_stats
 from model.sdxl import SDXL
 from tests.test_sdxl import FOREIGN
 from tests.tiny_sdxl import _randomize, save_tiny_sdxl
@@ -115,10 +116,10 @@ MISTAKES = {
                                       "--prompt", "a man reading"], "names 'man' only 1 time(s)"),
 }
 NOT_SDXL = ["sd1", "truncated", "folder_without_vae"]  # tests/test_sdxl.py FOREIGN cases, run through sample.py
-# Runs sample.py as `python sample.py` would, with model/sdxl.py's weights/ folder pointed elsewhere
+# Runs sample.py as `python sample.py` would, with model/checkpoint.py's weights/ folder pointed elsewhere
 # (a developer's checkout may hold the real weights).
 SAMPLE_WITH_WEIGHTS_DIR = (
-    "import runpy, sys; import model.sdxl as sdxl; sdxl.WEIGHTS_DIR = sys.argv[1]; "
+    "import runpy, sys; import model.checkpoint as c; c.WEIGHTS_DIR = sys.argv[1]; "
     "sys.argv = ['sample.py'] + sys.argv[2:]; runpy.run_path('sample.py', run_name='__main__')"
 )
 
@@ -252,7 +253,8 @@ def spy_insertions(monkeypatch):
 def assert_insertions(calls, mapper_path, prompt, expected):
     """Both encoders' insertions put f(z of code k) at the k-th expected word's own occurrence."""
     from model import clip
-    from model.mapper import code_to_z, load_mapper
+    from model.checkpoint import load_mapper
+    from model.mapper import code_to_z
 
     f = load_mapper(mapper_path)
     ids = clip.Tokenizer.bundled(pad="eos")([prompt])[0].tolist()
@@ -267,6 +269,30 @@ def assert_insertions(calls, mapper_path, prompt, expected):
             (at,) = [p for p in range(1, len(ids)) if ids[p] == tok.encode(word)[0]][occurrence:occurrence + 1]
             assert i.tolist() == [at], (encoder, code, word)
             assert torch.allclose(w[0].float(), f(code_to_z(code, f.config.z_dim)[None])[encoder][0]), (encoder, code)
+
+
+def test_the_contact_sheet_is_labelled_and_names_its_axes_in_png_text(runs):
+    sheet = Image.open(runs["code1"][1] / "contact_sheet.png")
+    assert json.loads(sheet.text["rows"]) == {"prompt": [READING, SURFING]}
+    assert json.loads(sheet.text["columns"]) == {"seed": [0]}
+    assert json.loads(sheet.text["parameters"])["code"] == [1]
+    # the two images, one below the other, in the lower right; labels in the margins
+    reading = output(runs, "code1", "000-seed0-code1.png")
+    W, H = sheet.size
+    assert W > SIZE and H > 2 * SIZE
+    assert np.array_equal(image(runs["code1"][1] / "contact_sheet.png")[H - 2 * SIZE:H - SIZE, W - SIZE:], reading)
+    assert np.asarray(sheet.convert("L"))[:H - 2 * SIZE].min() < 128  # text above the images
+
+
+def test_help_shows_each_default_once_and_no_machine_paths(capsys):
+    import sample
+
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: [])" not in text and "(default: )" not in text
+    assert ROOT not in text and "--seed SEED noise seed (repeat for several; default 0) --num-images" in text
+    assert "--width WIDTH image width in pixels" in text and "--height HEIGHT image height in pixels" in text
 
 
 def test_the_png_command_names_everything_that_decides_the_pixels(runs):
@@ -315,3 +341,40 @@ def test_no_weights_anywhere_says_how_to_download_them(runs):
     r = runs["no_weights"][0]
     assert_one_error_line(r, "no SDXL weights found")
     assert "run `python weights/download.py`" in r.stderr and "--weights PATH" in r.stderr
+
+
+@pytest.mark.parametrize("args,pairs", [
+    (["--code", 1, "--concept", "man", "--code", 2, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {1: "man", 2: "woman"}),
+    (["--code", 2, "--concept", "man", "--code", 1, "--concept", "woman", "--prompt", "a man and a woman talking"],
+     {2: "man", 1: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a man and a woman talking"], {1: "man", 2: "woman"}),
+    (["--code", 1, "--code", 2, "--prompt", "a woman and a man talking"], {1: "woman", 2: "man"}),
+], ids=["given", "given_swapped", "found", "found_swapped"])
+def test_each_code_reaches_the_concept_word_it_is_paired_with(tiny, tmp_path, monkeypatch, args, pairs):
+    """The pseudo-words that reach the encoders before a concept word are the mapper's output for
+    the code paired with that word: given in order with --concept, else the prompt's order."""
+    import sample
+    from model import checkpoint
+    from model import mapper as mapper_lib
+
+    single, _, mapper = tiny
+    f = checkpoint.load_mapper(mapper)
+    with torch.no_grad():
+        want = {code: f(mapper_lib.code_to_z(code, f.config.z_dim)[None]) for code in pairs}
+    seen = []
+
+    def spy(self, prompts, subjects=None):
+        seen.append(subjects)
+        return encode_prompt(self, prompts, subjects)
+
+    encode_prompt = SDXL.encode_prompt
+    monkeypatch.setattr(SDXL, "encode_prompt", spy)
+    sample.main(["--weights", single, "--mapper", mapper, "--out", str(tmp_path), "--steps", "1", "--guidance", "1",
+                 "--width", "64", "--height", "64", "--device", "cpu", *map(str, args)])
+    subjects = next(s for s in seen if s)
+    assert [concept for _, _, concept in subjects] == list(pairs.values())
+    for (w_l, w_g, concept), code in zip(subjects, pairs):
+        assert pairs[code] == concept
+        torch.testing.assert_close(w_l, want[code][0][0], rtol=0, atol=0)
+        torch.testing.assert_close(w_g, want[code][1][0], rtol=0, atol=0)

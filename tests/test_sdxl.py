@@ -1,4 +1,4 @@
-"""model/sdxl.py: loading every layout people have on disk, finding the weights, naming what is wrong.
+"""model/checkpoint.py through SDXL.load: every layout people have on disk, finding weights, naming what is wrong.
 
 One tiny SDXL (tests/tiny_sdxl.py, random weights) is saved once as a diffusers folder and as an
 official-layout single file; each test derives the variant it needs from those files (fp16
@@ -12,14 +12,14 @@ import os
 import shutil
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import checkpoint, sdxl
-from model import vae as vae_module
-from model.checkpoint import CheckpointError
-from model.sdxl import PREFIX, SDXL, Part, read_part
+from model import checkpoint
+from model.checkpoint import PREFIX, CheckpointError, Part, read_part
+from model.sdxl import SDXL
 from tests.tiny_sdxl import _randomize, save_tiny_sdxl
 
 MODELS = ("unet", "vae", "clip_l", "clip_g")
@@ -189,7 +189,7 @@ def other_vae(tiny, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("other_vae"))
     v.save_pretrained(folder, safe_serialization=True)
     file = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    return folder, file, vae_module.build(vae_module.from_diffusers(load_file(file)))
+    return folder, file, checkpoint.build("vae", checkpoint.from_diffusers("vae", load_file(file)))
 
 
 @pytest.mark.parametrize("layout", ["diffusers_folder", "diffusers_file", "official_with_prefix", "official_without_prefix"])
@@ -366,7 +366,7 @@ def test_a_checkpoint_that_is_not_sdxl_base_ends_in_one_sentence_saying_what_it_
 def fake_hub_cache(cache: str, revision: str, files: dict[str, str], main=True) -> str:
     """A huggingface_hub cache entry for SDXL base: the bytes in blobs/, the snapshot made of
     relative symlinks into blobs/, refs/main naming the revision. `files`: snapshot path -> source."""
-    repo = os.path.join(cache, sdxl.HUB_REPO_FOLDER)
+    repo = os.path.join(cache, checkpoint.HUB_REPO_FOLDER)
     snapshot = os.path.join(repo, "snapshots", revision)
     for rel, source in files.items():
         blob = os.path.join(repo, "blobs", f"{revision}-{rel.replace('/', '-')}")
@@ -395,7 +395,7 @@ def clean_env(tmp_path, monkeypatch):
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sdxl, "WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", str(tmp_path / "weights"))
     os.makedirs(tmp_path / "weights")
     return tmp_path
 
@@ -403,13 +403,13 @@ def clean_env(tmp_path, monkeypatch):
 def test_weights_folder_comes_first_then_a_cached_single_file_that_loads_through_its_symlinks(tiny, clean_env):
     _, _, single, ref = tiny
     cache = clean_env / "home" / ".cache" / "huggingface" / "hub"
-    snapshot = fake_hub_cache(str(cache), "a" * 40, {sdxl.OFFICIAL_FILENAME: single})
-    found = sdxl.find_default_weights()
-    assert found == os.path.join(snapshot, sdxl.OFFICIAL_FILENAME) and os.path.islink(found)
+    snapshot = fake_hub_cache(str(cache), "a" * 40, {checkpoint.OFFICIAL_FILENAME: single})
+    found = checkpoint.find_default_weights()
+    assert found == os.path.join(snapshot, checkpoint.OFFICIAL_FILENAME) and os.path.islink(found)
     assert_same_weights(weights_of(SDXL.load(found)), weights_of(ref))
-    local = clean_env / "weights" / sdxl.OFFICIAL_FILENAME
+    local = clean_env / "weights" / checkpoint.OFFICIAL_FILENAME
     local.write_bytes(b"")
-    assert sdxl.find_default_weights() == str(local)
+    assert checkpoint.find_default_weights() == str(local)
 
 
 def test_a_cached_diffusers_snapshot_is_found_and_loads(tiny, clean_env):
@@ -419,7 +419,7 @@ def test_a_cached_diffusers_snapshot_is_found_and_loads(tiny, clean_env):
                                        for m, stem in COMPONENT_FILES.items()})
     cache = clean_env / "home" / ".cache" / "huggingface" / "hub"
     snapshot = fake_hub_cache(str(cache), "b" * 40, {rel: str(fp16 / rel) for rel in DIFFUSERS_SNAPSHOT})
-    assert sdxl.find_default_weights() == snapshot
+    assert checkpoint.find_default_weights() == snapshot
     assert_same_weights(weights_of(SDXL.load(snapshot)), rounded_to_fp16(weights_of(ref)))
 
 
@@ -443,7 +443,7 @@ def test_hugging_face_cache_location_follows_huggingface_hub(clean_env, monkeypa
     # A complete snapshot in every candidate cache, each with its own revision.
     snapshots = {rel: fake_hub_cache(str(clean_env / rel), f"{k:040d}", {rel_file: "" for rel_file in DIFFUSERS_SNAPSHOT})
                  for k, rel in enumerate(ALL_CACHES)}
-    assert sdxl.find_default_weights() == snapshots[expected]
+    assert checkpoint.find_default_weights() == snapshots[expected]
 
 
 def test_cache_prefers_the_snapshot_refs_main_names_and_skips_incomplete_ones(clean_env):
@@ -451,13 +451,13 @@ def test_cache_prefers_the_snapshot_refs_main_names_and_skips_incomplete_ones(cl
     fake_hub_cache(cache, "0" * 40, {DIFFUSERS_SNAPSHOT[0]: ""}, main=False)  # a unet-only download
     fake_hub_cache(cache, "1" * 40, {rel: "" for rel in DIFFUSERS_SNAPSHOT}, main=False)
     latest = fake_hub_cache(cache, "2" * 40, {rel: "" for rel in DIFFUSERS_SNAPSHOT})
-    assert sdxl.find_default_weights() == latest
-    os.remove(os.path.join(cache, sdxl.HUB_REPO_FOLDER, "refs", "main"))
-    assert sdxl.find_default_weights().endswith("1" * 40)
+    assert checkpoint.find_default_weights() == latest
+    os.remove(os.path.join(cache, checkpoint.HUB_REPO_FOLDER, "refs", "main"))
+    assert checkpoint.find_default_weights().endswith("1" * 40)
 
 
 def test_nothing_found_gives_none(clean_env):
-    assert sdxl.find_default_weights() is None
+    assert checkpoint.find_default_weights() is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,4 +496,80 @@ def test_time_ids_are_exact_float32_in_a_bfloat16_model_and_t_stays_integer(tiny
     assert seen["time_ids"].tolist() == [[2056.0, 1016.0, 0.0, 0.0, 2056.0, 1016.0]] * 2
     assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [667, 667]
     assert seen["x_t"].dtype == seen["context"].dtype == torch.bfloat16
-    assert SDXL.time_ids(1016, 1024, 1, "cpu", original=(1023, 767), crop=(3, 5)).tolist() == [[1023, 767, 3, 5, 1016, 1024]]
+    assert SDXL.time_ids(1016, 1024, 2, "cpu").tolist() == [[1016, 1024, 0, 0, 1016, 1024]] * 2
+
+
+def _reference_encoding(text_model, e_hat, eos, projection=None):
+    """transformers' CLIP text transformer run on given token embeddings (its `inputs_embeds`
+    path), read as SDXL reads it: hidden_states[-2], and the final LayerNorm at `eos`."""
+    L = e_hat.shape[1]
+    causal = torch.full((L, L), float("-inf")).triu(1)[None, None]
+    h = text_model.embeddings(inputs_embeds=e_hat)
+    states = [h]
+    for layer in text_model.encoder.layers:  # (what its encoder does, keeping every hidden state)
+        states.append(layer(states[-1], causal))
+    pooled = text_model.final_layer_norm(states[-1])[torch.arange(len(eos)), eos]
+    return states[-2], None if projection is None else projection(pooled)
+
+
+def _reference_insert(hf_tokenizer, embedding, prompts, subjects):
+    """Eq. 4 done by hand, for one encoder: each pseudo-word w goes directly before its concept
+    word's token, the padding's last row falls off, and the EOS moves one right per insertion."""
+    rows, eos = [], []
+    for prompt in prompts:
+        ids = hf_tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+        e = list(embedding(ids))
+        at = sorted(((ids.tolist().index(hf_tokenizer(c).input_ids[1]), w) for w, c in subjects), key=lambda p: -p[0])
+        for i, w in at:  # rightmost first, so the earlier positions still hold
+            e.insert(i, w)
+        rows.append(torch.stack(e[:77]))
+        eos.append(ids.tolist().index(49407) + len(subjects))
+    return torch.stack(rows), torch.tensor(eos)
+
+
+@pytest.mark.parametrize("prompts,concepts", [
+    (["a woman reading a book", "a photo of a woman smiling"], ["woman"]),
+    (["a man and a woman talking in a park", "a woman next to a man"], ["man", "woman"]),
+], ids=["one_subject", "two_subjects"])
+def test_encode_prompt_with_subjects_matches_transformers_on_the_inserted_embeddings(tiny, prompts, concepts):
+    """Both encoders' context and bigG's pooled vector, with pseudo-words inserted, equal
+    transformers' text models fed the inserted token embeddings, with pooled read at the
+    shifted EOS (the pre-insertion EOS is off by far more than the tolerance)."""
+    pipe, _, _, model = tiny
+    g = torch.Generator().manual_seed(0)
+    w_l = [torch.randn(pipe.text_encoder.config.hidden_size, generator=g) * 0.05 for _ in concepts]
+    w_g = [torch.randn(pipe.text_encoder_2.config.hidden_size, generator=g) * 0.05 for _ in concepts]
+    with torch.no_grad():
+        context, pooled = model.encode_prompt(prompts, [(a, b, c) for a, b, c in zip(w_l, w_g, concepts)])
+        e_l, eos_l = _reference_insert(pipe.tokenizer, pipe.text_encoder.embeddings.token_embedding,
+                                       prompts, list(zip(w_l, concepts)))
+        e_g, eos_g = _reference_insert(pipe.tokenizer_2, pipe.text_encoder_2.text_model.embeddings.token_embedding,
+                                       prompts, list(zip(w_g, concepts)))
+        want_l, _ = _reference_encoding(pipe.text_encoder, e_l, eos_l)
+        want_g, want_pooled = _reference_encoding(pipe.text_encoder_2.text_model, e_g, eos_g,
+                                                  pipe.text_encoder_2.text_projection)
+        _, stale = _reference_encoding(pipe.text_encoder_2.text_model, e_g, eos_g - len(concepts),
+                                       pipe.text_encoder_2.text_projection)
+    torch.testing.assert_close(context, torch.cat([want_l, want_g], dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=0)
+    assert (stale - want_pooled).abs().max() > 1e-2
+
+
+def test_decode_rounds_the_vae_output_to_the_nearest_uint8():
+    """[-1, 1] -> [0, 255] rounds to nearest, as diffusers' image processor does (truncation is
+    off by one on about half the pixels, which a 1/255 image tolerance would hide)."""
+    pixels = torch.tensor([0.4, 0.6, 127.4, 127.6, 254.4, 254.6, -3.0, 300.0])  # on the 0-255 scale
+    want = [0, 1, 127, 128, 254, 255, 0, 255]
+
+    class VAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def decode(self, z):
+            return (pixels / 255 - 0.5).mul(2).expand(z.shape[0], 3, 1, -1)  # x = 2·(p/255) − 1
+
+    model = SDXL(None, None, None, None, None, VAE(), "cpu", torch.float32)
+    images = model.decode(torch.zeros(1, 4, 1, 1))
+    assert images.dtype == np.uint8 and images.shape == (1, 1, len(want), 3)
+    assert images[0, 0, :, 0].tolist() == want

@@ -1,8 +1,9 @@
-"""The speed paths compute what the plain paths compute: --compile, --offload, and bench.py's sizes.
+"""model/speed.py computes what the plain chapters compute: the memory-saving swaps, --compile,
+--offload, --cuda-graphs, and bench.py's sizes.
 
 Compilation runs inductor on the CPU (gcc builds the kernels) on bench.py's tiny SDXL, whose
 one-level UNet has three distinct compiled graphs, so this file stays near a minute even with
-an empty compile cache. Speed itself is measured by bench.py on a GPU, never by a timed test.
+an empty compile cache. Speed itself is measured by bench/bench.py on a GPU, never by a timed test.
 """
 
 import os
@@ -16,10 +17,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-import bench
-from model import unet
-from model.checkpoint import UserError
-from model.sdxl import PREFIX, CUDAGraphed, Offload, check_cuda_graphs
+import model.attention as A
+from bench import bench
+from model import checkpoint, speed, unet, vae
+from model.checkpoint import PREFIX
+from model.errors import UserError
+from model.speed import CUDAGraphed, Offload, check_cuda_graphs
+from tests.test_attention import qkv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = bench.tiny_size()
@@ -51,7 +55,7 @@ def graphs_compiled() -> int:
 
 def test_regional_compile_gives_the_eager_eps_and_compiles_each_distinct_block_once(models):
     inputs = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32)
-    compiled = unet.compile_unet(bench.same_weights(models)["unet"], "regional")
+    compiled = speed.compile_unet(bench.same_weights(models)["unet"], "regional")
     before = graphs_compiled()
     with torch.no_grad():
         eager, fast = models["unet"](*inputs), compiled(*inputs)
@@ -67,7 +71,7 @@ def test_regional_compile_gives_the_eager_eps_and_compiles_each_distinct_block_o
 
 def test_the_whole_unet_traces_as_one_graph_as_compile_full_needs(models):
     # (dynamo's tracing only: inductor on the whole UNet takes half a minute on two cores;
-    # `python bench.py --tiny` compiles it and compares it with eager)
+    # `python -m bench.bench --tiny` compiles it and compares it with eager)
     inputs = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32, seed=1)
     with torch.no_grad():
         explanation = torch._dynamo.explain(models["unet"])(*inputs)
@@ -82,11 +86,14 @@ def dynamo_only(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, **kw, backend="eager"))
 
 
-@pytest.mark.parametrize("mode", unet.COMPILE_MODES)
+@pytest.mark.parametrize("mode", speed.COMPILE_MODES)
 def test_a_compiled_sampling_loop_does_not_recompile_after_its_first_step(models, reference_image, dynamo_only, mode):
     sdxl = bench.make_sdxl(bench.same_weights(models), CPU, torch.float32)
-    sdxl.compile(mode)
+    speed.compile(sdxl, mode)
+    before = graphs_compiled()
     sdxl.generate("a woman reading", seed=3, steps=1, width=PX, height=PX)  # the first step compiles
+    # full: the whole UNet and the VAE decoder, one graph each; regional: the UNet's 3 distinct blocks
+    assert graphs_compiled() - before == {"full": 2, "regional": 3}[mode]
     before = graphs_compiled()
     # Every later step (a new timestep each time), prompt, seed and guidance scale must reuse
     # what the first step compiled; dynamo raises on any recompilation.
@@ -111,30 +118,29 @@ def test_offload_lends_a_copy_and_takes_back_the_host_tensors():
     with off.lend(model):
         lent = model.weight.data
         # the model computes with a copy on the device (here the CPU, so: another tensor)
-        assert lent.data_ptr() != host.data_ptr() and torch.equal(lent, host) and off.lent == {model: 1}
-        with off.lend(model):  # nested: no second copy, and the inner block gives nothing back
-            assert model.weight.data_ptr() == lent.data_ptr() and off.lent == {model: 2}
-        assert model.weight.data_ptr() == lent.data_ptr()
+        assert lent.data_ptr() != host.data_ptr() and torch.equal(lent, host)
     # back on the very same host memory: frozen weights are never copied back
-    assert model.weight.data_ptr() == host.data_ptr() and off.lent == {}
+    assert model.weight.data_ptr() == host.data_ptr()
 
 
 def test_offload_has_only_the_running_model_on_the_device_and_gives_the_same_image(models, reference_image):
     sdxl = bench.make_sdxl(bench.same_weights(models), CPU, torch.float32)
-    sdxl.enable_offload(CPU)
+    speed.enable_offload(sdxl, CPU)
+    everything = (sdxl.clip_l, sdxl.clip_g, sdxl.unet, sdxl.vae)
+    host = {m: next(m.parameters()).data_ptr() for m in everything}  # where each waits between lends
+
+    def lent():
+        return frozenset(m for m in everything if next(m.parameters()).data_ptr() != host[m])
+
     on_device = {}  # model name -> the sets of lent models seen at its calls
-
-    def record(name):
-        return lambda module, args: on_device.setdefault(name, set()).add(frozenset(sdxl.offload.lent))
-
     for name, module in (("clip_l", sdxl.clip_l), ("clip_g", sdxl.clip_g), ("unet", sdxl.unet),
                          ("vae", sdxl.vae.decoder)):
-        module.register_forward_pre_hook(record(name))
+        module.register_forward_pre_hook(lambda module, args, name=name: on_device.setdefault(name, set()).add(lent()))
     image = sdxl.generate("a woman reading", seed=3, steps=3, width=PX, height=PX)
     text = {frozenset({sdxl.clip_l, sdxl.clip_g})}
     assert on_device == {"clip_l": text, "clip_g": text, "unet": {frozenset({sdxl.unet})},
                          "vae": {frozenset({sdxl.vae})}}
-    assert sdxl.offload.lent == {}
+    assert lent() == frozenset()
     assert reference_image.std() > 10  # a real image, not a flat one that anything flat would match
     np.testing.assert_array_equal(image, reference_image)
 
@@ -161,12 +167,10 @@ def test_bench_sizes_describe_the_same_models_in_our_layout_and_diffusers(size):
     --vs-diffusers: both must be the same architecture."""
     with torch.device("meta"):
         theirs = _diffusers_on_meta(size)
-    readers = {"clip_l": bench.clip.clip_l_config_from_state_dict, "clip_g": bench.clip.bigg_config_from_state_dict,
-               "unet": unet.config_from_state_dict, "vae": bench.vae.config_from_state_dict}
     ours = {"clip_l": size.clip_l, "clip_g": size.clip_g, "unet": size.unet, "vae": size.vae}
     for name, module in theirs.items():
         shapes = {k: tuple(v.shape) for k, v in bench.FROM_DIFFUSERS[name](module.state_dict()).items()}
-        assert readers[name](shapes) == ours[name], name
+        assert checkpoint.config_from_shapes(name, shapes) == ours[name], name
 
 
 def _diffusers_on_meta(size):
@@ -220,13 +224,13 @@ def test_gpu_generate_with_cuda_graphs_gives_the_same_image():
     models = bench.build_ours(SIZE, cuda, torch.bfloat16, seed=0)
     sdxl = bench.make_sdxl(models, cuda, torch.bfloat16)
     plain = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
-    sdxl.enable_cuda_graphs()
+    speed.enable_cuda_graphs(sdxl)
     for _ in range(2):
         image = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
         assert np.abs(image.astype(int) - plain).max() <= 1
     assert len(sdxl.graphed_unet.graphs) == 1
     with pytest.raises(UserError, match="cannot be combined"):
-        sdxl.enable_offload(cuda)
+        speed.enable_offload(sdxl, cuda)
 
 
 def test_guidance_1_runs_the_conditional_half_alone(models, monkeypatch):
@@ -242,3 +246,216 @@ def test_guidance_1_runs_the_conditional_half_alone(models, monkeypatch):
     image = sdxl.generate("a woman reading", negative_prompt="blurry", **kwargs)
     assert batches == [1, 1] and encoded == [["a woman reading"]]
     np.testing.assert_array_equal(image, plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory-saving swaps (speed.save_memory), each against the plain module
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_save_memory_gives_the_plain_unet_and_vae_numbers(grad):
+    """Every swap at once, on bench.py's tiny models in float32: the same ε̂ and image (and the
+    same gradient to the conditioning, as training takes it)."""
+    plain = {name: checkpoint.build(name, m.state_dict()) for name, m in bench.build_ours(SIZE, CPU, torch.float32).items()}
+    lean = {name: speed.save_memory(checkpoint.build(name, m.state_dict()))[0] for name, m in plain.items()}
+    assert type(lean["vae"].decoder.mid.attn_1) is speed.LeanAttnBlock and type(plain["vae"].decoder.mid.attn_1) is vae.AttnBlock
+    x, t, context, pooled, time_ids = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32)
+    z = torch.randn(1, 4, PX // 8, PX // 8, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, models in (("plain", plain), ("lean", lean)):
+        c = context.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            eps = models["unet"](x, t, c, pooled, time_ids)
+            image = models["vae"].decode(z)
+        if grad:
+            eps.square().mean().backward()
+        out[name] = (eps.detach(), image.detach(), c.grad)
+    torch.testing.assert_close(out["lean"][0], out["plain"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["lean"][1], out["plain"][1], atol=1e-5, rtol=1e-5)
+    if grad:
+        torch.testing.assert_close(out["lean"][2], out["plain"][2], atol=1e-6, rtol=1e-4)
+
+
+def _norm(groups=32, channels=64, eps=1e-5, seed=0, lean=True):
+    g = torch.Generator().manual_seed(seed)
+    norm = unet.GroupNorm32(groups, channels, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(channels, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(channels, generator=g))
+    return speed.save_memory(norm)[0] if lean else norm
+
+
+def _one_bf16_rounding(y, expected):
+    """y is `expected` (float32) rounded once to bfloat16: at most half a bf16 step (2^-8 relative)
+    off, and off by a whole step nowhere (statistics summed in another order may tip a value
+    that sits on a rounding boundary, never further)."""
+    err = (y.float() - expected).abs()
+    step = 2.0**-7 * expected.abs().clamp_min(1e-30)
+    return bool((err <= step).all())
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+def test_group_norm_computes_in_float32_when_the_model_runs_in_bfloat16(lean):
+    norm = _norm(lean=lean)
+    # A large common offset is where low-precision statistics go wrong: a bfloat16 mean near 50
+    # is off by up to 0.125, an eighth of the standard deviation.
+    x = (50 + torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(1))).bfloat16()
+    w, b = norm.weight.bfloat16().float(), norm.bias.bfloat16().float()
+    expected = torch.nn.functional.group_norm(x.float(), 32, w, b, 1e-5)
+    with torch.no_grad():
+        y = norm.bfloat16()(x)
+    assert y.dtype == torch.bfloat16
+    assert _one_bf16_rounding(y, expected)
+    # the check catches statistics kept in bfloat16
+    var16, mean16 = torch.var_mean(x.reshape(2, 32, -1), dim=-1, correction=0, keepdim=True)
+    sloppy = ((x.reshape(2, 32, -1) - mean16) * torch.rsqrt(var16 + 1e-5)).reshape(x.shape)
+    sloppy = (sloppy.float() * w[:, None, None] + b[:, None, None]).bfloat16()
+    assert not _one_bf16_rounding(sloppy, expected)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+def test_group_norm_in_float32_is_pytorchs_group_norm(lean):
+    norm = _norm(eps=1e-6, lean=lean)
+    x = torch.randn(3, 64, 5, 7)
+    expected = torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    # any rank: (B, C, L) as well as (B, C, H, W)
+    x3 = torch.randn(2, 64, 9)
+    assert torch.allclose(norm(x3), torch.nn.functional.group_norm(x3, 32, norm.weight, norm.bias, 1e-6), atol=1e-5)
+
+
+class _Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the number of elements of every float32 tensor made by a dtype cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_group_norm_copies_a_bfloat16_activation_to_float32_a_few_groups_at_a_time(monkeypatch):
+    """The VAE's full-resolution activations are 1 GiB in float32: they are never copied whole,
+    and the chunked statistics are the statistics of the whole."""
+    norm = _norm().bfloat16()
+    x = (3 + torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))).bfloat16()
+    with torch.no_grad():
+        whole = norm(x)  # 2·64·256 = 32768 values, under GROUP_NORM_CHUNK: one copy
+        monkeypatch.setattr(speed, "GROUP_NORM_CHUNK", 2 * 2 * 256 * 3)  # 3 groups of 2 channels per copy
+        with _Float32Copies() as copies:
+            chunked = norm(x)
+    assert torch.equal(chunked, whole)
+    big = [n for n in copies.sizes if n > 64]  # (the weight and bias casts are 64 values)
+    assert len(big) == 11 and max(big) <= speed.GROUP_NORM_CHUNK  # ceil(32 / 3) copies
+
+
+def _saved_during(fn):
+    """(dtype, numel) of every tensor autograd saves for the backward while `fn` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_group_norm_gradients_are_pytorchs_in_float64():
+    norm = _norm(eps=1e-6).double()
+    x = (5 + torch.randn(2, 64, 6, 6, dtype=torch.float64)).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = norm.weight.detach().clone().requires_grad_(True)
+    b_ref = norm.bias.detach().clone().requires_grad_(True)
+    y = norm(x)
+    y_ref = torch.nn.functional.group_norm(x_ref, 32, w_ref, b_ref, 1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for ours, ref in ((y, y_ref), (x.grad, x_ref.grad), (norm.weight.grad, w_ref.grad), (norm.bias.grad, b_ref.grad)):
+        assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_group_norm_training_keeps_the_bfloat16_input_not_a_float32_copy():
+    """Training backpropagates through the UNet's norms in bfloat16 (to the conditioning): the
+    backward keeps x in bfloat16 (autograd through the float32 statistics would keep a float32
+    copy, 2.4 GiB of a 1024 px triplet) and its gradients are those of float32."""
+    norm = _norm().bfloat16()
+    x16 = (2 + torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(3))).bfloat16().requires_grad_(True)
+    y16, saved = _saved_during(lambda: norm(x16))
+    assert (torch.bfloat16, x16.numel()) in saved
+    assert not [n for dtype, n in saved if dtype == torch.float32 and n >= x16.numel()]
+    x32 = x16.detach().float().requires_grad_(True)
+    y32 = torch.nn.functional.group_norm(x32, 32, norm.weight.float(), norm.bias.float(), 1e-5)
+    assert _one_bf16_rounding(y16, y32.detach())
+    g = torch.randn_like(y32)
+    y16.backward(g.bfloat16())
+    y32.backward(g)
+    assert x16.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.bfloat16
+    assert _rel_err(x16.grad, x32.grad) < 0.01
+
+
+def _rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_training_recomputes_gelu_and_gives_autograds_gradient_bit_for_bit(dtype):
+    """GEGLU keeps only [a, g] for the backward and recomputes GELU(g) there (plain autograd keeps
+    GELU(g) as well, the MLP's widest tensor): the same gradient, to the bit."""
+    geglu = speed.save_memory(unet.GEGLU(16, 32).to(dtype).requires_grad_(False))[0]
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    out, saved = _saved_during(lambda: geglu(x))
+    sizes = [n for _, n in saved]  # (the projection's weight is saved too, by the Linear)
+    assert 2 * 5 * 64 in sizes and 2 * 5 * 32 not in sizes  # h = [a, g]; nothing of GELU(g)'s size
+    x_ref = x.detach().clone().requires_grad_(True)
+    a, gate = geglu.proj(x_ref).chunk(2, dim=-1)
+    ref = a * torch.nn.functional.gelu(gate)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+
+
+def _count_sdpa_calls(monkeypatch):
+    calls = []
+    real = A.F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[-2]) or real(q, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("backend,D", [("auto", 320), ("math", 64), ("reference", 64), ("flash", 320)])
+def test_unfused_calls_run_over_chunks_of_queries_with_the_same_result(monkeypatch, backend, D):
+    """Unfused paths hold the whole (Lq, Lk) score matrix: 2 GiB for the VAE's 1024 px mid block.
+    Past speed.MAX_SCORE_BYTES they run over chunks of queries, computing the same numbers."""
+    q, k, v = qkv(B=1, heads=2, Lq=50, Lk=40, D=D)
+    A.set_backend(backend)
+    whole = A.attention(q, k, v)
+    monkeypatch.setattr(speed, "MAX_SCORE_BYTES", 4 * 2 * 40 * 16)  # 16 queries per chunk
+    calls = _count_sdpa_calls(monkeypatch)
+    chunked = speed.attention_in_chunks(q, k, v)
+    if backend != "reference":
+        assert calls == [16, 16, 16, 2]
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert torch.allclose(chunked, A.attention_reference(q, k, v), atol=1e-5)
+
+
+def test_fused_calls_are_never_chunked(monkeypatch):
+    monkeypatch.setattr(speed, "MAX_SCORE_BYTES", 64)
+    calls = _count_sdpa_calls(monkeypatch)
+    speed.attention_in_chunks(*qkv(B=1, heads=2, Lq=30, Lk=30, D=64))  # auto, 64-wide: no score matrix held
+    assert calls == [30]
+
+
+def test_chunked_attention_compiles_as_one_graph(monkeypatch):
+    """`--compile full` compiles the VAE decoder with fullgraph=True: the chunk loop must trace."""
+    monkeypatch.setattr(speed, "MAX_SCORE_BYTES", 4 * 1 * 40 * 16)  # 16 queries per chunk
+    q, k, v = qkv(B=1, heads=1, Lq=40, Lk=40, D=320)
+    compiled = torch.compile(lambda q, k, v: speed.attention_in_chunks(q, k, v) * 2, fullgraph=True, dynamic=False)
+    assert torch.allclose(compiled(q, k, v), 2 * A.attention_reference(q, k, v), atol=1e-5)

@@ -17,6 +17,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import save_file
 
 from model import unet as U
+from model import checkpoint
 from model.checkpoint import CheckpointError, read_shapes, stream_tensors
 
 KEYS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "sdxl_keys.json")))
@@ -100,8 +101,8 @@ def reference(tmp_path_factory):
 def load(path, layout):
     names = list(read_shapes(path))
     if layout == "official":
-        return U.build(dict(stream_tensors(path, names, strip_prefix=PREFIX)))
-    return U.build(U.from_diffusers(dict(stream_tensors(path, names))))
+        return checkpoint.build("unet", dict(stream_tensors(path, names, strip_prefix=PREFIX)))
+    return checkpoint.build("unet", checkpoint.from_diffusers("unet", dict(stream_tensors(path, names))))
 
 
 # --- the pieces -------------------------------------------------------------------------------
@@ -115,163 +116,19 @@ def test_timestep_embedding_is_cos_then_sin_like_diffusers_flip_sin_to_cos():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def _norm(groups=32, channels=64, eps=1e-5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    norm = U.GroupNorm32(groups, channels, eps=eps)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(channels, generator=g))
-        norm.bias.copy_(0.1 * torch.randn(channels, generator=g))
-    return norm
-
-
-def _one_bf16_rounding(y, expected):
-    """y is `expected` (float32) rounded once to bfloat16: at most half a bf16 step (2^-8 relative)
-    off, and off by a whole step nowhere (statistics summed in another order may tip a value
-    that sits on a rounding boundary, never further)."""
-    err = (y.float() - expected).abs()
-    step = 2.0**-7 * expected.abs().clamp_min(1e-30)
-    return bool((err <= step).all())
-
-
-def test_group_norm_computes_in_float32_when_the_model_runs_in_bfloat16():
-    norm = _norm()
-    # A large common offset is where low-precision statistics go wrong: a bfloat16 mean near 50
-    # is off by up to 0.125, an eighth of the standard deviation.
-    x = (50 + torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(1))).bfloat16()
-    w, b = norm.weight.bfloat16().float(), norm.bias.bfloat16().float()
-    expected = torch.nn.functional.group_norm(x.float(), 32, w, b, 1e-5)
-    with torch.no_grad():
-        y = norm.bfloat16()(x)
-    assert y.dtype == torch.bfloat16
-    assert _one_bf16_rounding(y, expected)
-    # the check catches statistics kept in bfloat16
-    var16, mean16 = torch.var_mean(x.reshape(2, 32, -1), dim=-1, correction=0, keepdim=True)
-    sloppy = ((x.reshape(2, 32, -1) - mean16) * torch.rsqrt(var16 + 1e-5)).reshape(x.shape)
-    sloppy = (sloppy.float() * w[:, None, None] + b[:, None, None]).bfloat16()
-    assert not _one_bf16_rounding(sloppy, expected)
-
-
-def test_group_norm_in_float32_is_pytorchs_group_norm():
-    norm = _norm(eps=1e-6)
-    x = torch.randn(3, 64, 5, 7)
-    expected = torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
-    assert torch.allclose(norm(x), expected, atol=1e-5)
-    # any rank: (B, C, L) as well as (B, C, H, W)
-    x3 = torch.randn(2, 64, 9)
-    assert torch.allclose(norm(x3), torch.nn.functional.group_norm(x3, 32, norm.weight, norm.bias, 1e-6), atol=1e-5)
-
-
-class _Float32Copies(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the number of elements of every float32 tensor made by a dtype cast."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
-            self.sizes.append(out.numel())
-        return out
-
-
-def test_group_norm_copies_a_bfloat16_activation_to_float32_a_few_groups_at_a_time(monkeypatch):
-    """The VAE's full-resolution activations are 1 GiB in float32: they are never copied whole,
-    and the chunked statistics are the statistics of the whole."""
-    norm = _norm().bfloat16()
-    x = (3 + torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))).bfloat16()
-    with torch.no_grad():
-        whole = norm(x)  # 2·64·256 = 32768 values, under GROUP_NORM_CHUNK: one copy
-        monkeypatch.setattr(U, "GROUP_NORM_CHUNK", 2 * 2 * 256 * 3)  # 3 groups of 2 channels per copy
-        with _Float32Copies() as copies:
-            chunked = norm(x)
-    assert torch.equal(chunked, whole)
-    big = [n for n in copies.sizes if n > 64]  # (the weight and bias casts are 64 values)
-    assert len(big) == 11 and max(big) <= U.GROUP_NORM_CHUNK  # ceil(32 / 3) copies
-
-
-def _saved_during(fn):
-    """(dtype, numel) of every tensor autograd saves for the backward while `fn` runs."""
-    saved = []
-
-    def pack(t):
-        saved.append((t.dtype, t.numel()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
-def test_group_norm_gradients_are_pytorchs_in_float64():
-    norm = _norm(eps=1e-6).double()
-    x = (5 + torch.randn(2, 64, 6, 6, dtype=torch.float64)).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    w_ref = norm.weight.detach().clone().requires_grad_(True)
-    b_ref = norm.bias.detach().clone().requires_grad_(True)
-    y = norm(x)
-    y_ref = torch.nn.functional.group_norm(x_ref, 32, w_ref, b_ref, 1e-6)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for ours, ref in ((y, y_ref), (x.grad, x_ref.grad), (norm.weight.grad, w_ref.grad), (norm.bias.grad, b_ref.grad)):
-        assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-9)
-
-
-def test_group_norm_training_keeps_the_bfloat16_input_not_a_float32_copy():
-    """Training backpropagates through the UNet's norms in bfloat16 (to the conditioning): the
-    backward keeps x in bfloat16 (autograd through the float32 statistics would keep a float32
-    copy, 2.4 GiB of a 1024 px triplet) and its gradients are those of float32."""
-    norm = _norm().bfloat16()
-    x16 = (2 + torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(3))).bfloat16().requires_grad_(True)
-    y16, saved = _saved_during(lambda: norm(x16))
-    assert (torch.bfloat16, x16.numel()) in saved
-    assert not [n for dtype, n in saved if dtype == torch.float32 and n >= x16.numel()]
-    x32 = x16.detach().float().requires_grad_(True)
-    y32 = torch.nn.functional.group_norm(x32, 32, norm.weight.float(), norm.bias.float(), 1e-5)
-    assert _one_bf16_rounding(y16, y32.detach())
-    g = torch.randn_like(y32)
-    y16.backward(g.bfloat16())
-    y32.backward(g)
-    assert x16.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.bfloat16
-    assert _rel_err(x16.grad, x32.grad) < 0.01
-
-
-def _rel_err(a, ref):
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_geglu_training_recomputes_gelu_and_gives_autograds_gradient_bit_for_bit(dtype):
-    """GEGLU keeps only [a, g] for the backward and recomputes GELU(g) there (plain autograd keeps
-    GELU(g) as well, the MLP's widest tensor): the same gradient, to the bit."""
-    geglu = U.GEGLU(16, 32).to(dtype).requires_grad_(False)
-    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
-    out, saved = _saved_during(lambda: geglu(x))
-    sizes = [n for _, n in saved]  # (the projection's weight is saved too, by the Linear)
-    assert 2 * 5 * 64 in sizes and 2 * 5 * 32 not in sizes  # h = [a, g]; nothing of GELU(g)'s size
-    x_ref = x.detach().clone().requires_grad_(True)
-    a, gate = geglu.proj(x_ref).chunk(2, dim=-1)
-    ref = a * torch.nn.functional.gelu(gate)
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
-
-
 # --- the whole UNet against diffusers ---------------------------------------------------------
 
 
 def test_config_is_read_from_the_tiny_checkpoint(reference):
     _, _, official_file, _ = reference
     shapes = {k[len(PREFIX):]: v for k, v in read_shapes(official_file).items()}
-    assert U.config_from_state_dict(shapes) == TINY
+    assert checkpoint.config_from_shapes("unet", shapes) == TINY
 
 
 def test_from_diffusers_matches_diffusers_own_converter(reference):
     ref, _, _, to_official = reference
     sd = ref.state_dict()
-    ours = U.from_diffusers(sd)
+    ours = checkpoint.from_diffusers("unet", sd)
     assert ours.keys() == set(to_official.values())
     for d, o in to_official.items():
         assert ours[o] is sd[d], f"{d} should become {o}"
@@ -357,18 +214,18 @@ def test_full_size_module_has_the_official_names_shapes_and_parameter_count():
     assert {k: tuple(v.shape) for k, v in sd.items()} == OFFICIAL
     assert len(sd) == 1680
     assert sum(v.numel() for v in sd.values()) == KEYS["single_file_param_counts"]["unet"] == 2_567_463_684
-    assert U.config_from_state_dict(OFFICIAL) == U.UNetConfig()
+    assert checkpoint.config_from_shapes("unet", OFFICIAL) == U.UNetConfig()
 
 
 def test_from_diffusers_renames_the_full_size_diffusers_unet_to_the_official_layout():
     sd = {k: torch.empty(shape, device="meta") for k, shape in DIFFUSERS.items()}
     assert len(sd) == 1680
-    assert {k: tuple(v.shape) for k, v in U.from_diffusers(sd).items()} == OFFICIAL
+    assert {k: tuple(v.shape) for k, v in checkpoint.from_diffusers("unet", sd).items()} == OFFICIAL
 
 
 def test_build_takes_the_full_size_official_tensors_strictly_and_frozen():
     # meta tensors: the 2.6 B parameters are assigned, never allocated
-    unet = U.build({k: torch.empty(shape, device="meta") for k, shape in OFFICIAL.items()})
+    unet = checkpoint.build("unet", {k: torch.empty(shape, device="meta") for k, shape in OFFICIAL.items()})
     assert unet.config == U.UNetConfig()
     assert all(p.is_meta and not p.requires_grad for p in unet.parameters())
 
@@ -383,12 +240,13 @@ def one_sentence(message):
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("vae", "not a UNet but an autoencoder"),
-        ("diffusers", "from_diffusers"),
-        ("prefixed", "model.diffusion_model."),
-        ("sd1", "not SDXL"),
-        ("conv_proj", "1×1 convolutions"),
-        ("truncated", "incomplete"),
+        ("vae", "no tensor input_blocks.0.0.weight"),
+        ("diffusers", "no tensor input_blocks.0.0.weight"),
+        ("prefixed", "strip the single file's prefix"),
+        ("sd1", "no tensor label_emb.0.0.weight"),  # SD 1.x/2.x UNets have no added conditioning
+        ("conv_proj", "proj_in.weight is"),  # SD 1.x projects with 1×1 convolutions, SDXL with Linear
+        ("truncated", "no tensor out.2.weight"),
+        ("extra", "1 unexpected (input_blocks.1.0.extra.weight)"),
     ],
 )
 def test_a_checkpoint_that_is_not_an_sdxl_unet_fails_with_one_sentence(case, expected):
@@ -400,16 +258,11 @@ def test_a_checkpoint_that_is_not_an_sdxl_unet_fails_with_one_sentence(case, exp
         "sd1": {k: v for k, v in OFFICIAL.items() if not k.startswith("label_emb.")},
         "conv_proj": {k: (v + (1, 1) if k.endswith("proj_in.weight") else v) for k, v in OFFICIAL.items()},
         "truncated": {k: v for k, v in OFFICIAL.items() if not k.startswith("out.")},
+        "extra": {**OFFICIAL, "input_blocks.1.0.extra.weight": (1,)},
     }[case]
     with pytest.raises(CheckpointError) as e:
-        U.build({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+        checkpoint.build("unet", {k: torch.empty(v, device="meta") for k, v in shapes.items()})
     assert expected in str(e.value) and one_sentence(str(e.value))
-
-
-def test_from_diffusers_rejects_tensors_that_are_not_a_diffusers_unet():
-    with pytest.raises(CheckpointError) as e:
-        U.from_diffusers({k: torch.empty(v, device="meta") for k, v in OFFICIAL.items()})
-    assert "not a diffusers UNet" in str(e.value) and one_sentence(str(e.value))
 
 
 def test_latents_of_any_multiple_of_8_px_match_diffusers(reference):

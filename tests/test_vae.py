@@ -10,7 +10,9 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import save_file
 
 from model import vae
-from model.checkpoint import CheckpointError, UserError, read_shapes, stream_tensors
+from model import checkpoint
+from model.checkpoint import CheckpointError, read_shapes, stream_tensors
+from model.errors import UserError
 
 KEYS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "sdxl_keys.json")))
 PREFIX = "first_stage_model."
@@ -33,7 +35,7 @@ TINY = dict(
 
 def official_state_dict(ref: DiffusersVAE) -> dict[str, torch.Tensor]:
     """The official (sgm) names for a diffusers AutoencoderKL, written module by module from the
-    sgm layout, independently of vae.from_diffusers' regex table."""
+    sgm layout, independently of model/checkpoint.py's regex rules."""
     modules = {"quant_conv": ref.quant_conv, "post_quant_conv": ref.post_quant_conv}
     resnets = {}
     for part in ("encoder", "decoder"):
@@ -95,11 +97,11 @@ def tiny(tmp_path_factory):
 
 
 def load_diffusers(path, dtype=None):
-    return vae.build(vae.from_diffusers(dict(stream_tensors(path, read_shapes(path), dtype=dtype))))
+    return checkpoint.build("vae", checkpoint.from_diffusers("vae", dict(stream_tensors(path, read_shapes(path), dtype=dtype))))
 
 
 def load_official(path, dtype=None):
-    return vae.build(dict(stream_tensors(path, read_shapes(path), dtype=dtype, strip_prefix=PREFIX)))
+    return checkpoint.build("vae", dict(stream_tensors(path, read_shapes(path), dtype=dtype, strip_prefix=PREFIX)))
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "official"])
@@ -134,34 +136,21 @@ def test_the_in_place_inference_path_computes_what_autograd_would(tiny, dtype):
     assert all(torch.equal(a, b.detach()) for a, b in zip(fast, slow))
 
 
-def test_sample_draws_the_same_noise_as_diffusers_for_the_same_generator(tiny):
-    ref, diffusers_path, _ = tiny
-    model = load_diffusers(diffusers_path)
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        z_ref = ref.encode(x).latent_dist.sample(torch.Generator().manual_seed(7))
-        z = model.encode(x).sample(torch.Generator().manual_seed(7))
-        z_other_seed = model.encode(x).sample(torch.Generator().manual_seed(8))
-    assert rel_err(z, z_ref) < 1e-4
-    assert rel_err(z_other_seed, z_ref) > 1e-2
-
-
 def test_logvar_is_clamped_to_minus_30_20_like_the_reference():
     moments = torch.tensor([0.0, 0.0, -100.0, 100.0]).view(1, 4, 1, 1)
     q = vae.DiagonalGaussian.from_moments(moments)
     assert q.logvar.flatten().tolist() == [-30.0, 20.0]
-    assert torch.isfinite(q.sample(torch.Generator().manual_seed(0))).all()
 
 
 def test_config_is_read_from_names_and_shapes(tiny):
     shapes = {k[len(PREFIX):]: v for k, v in read_shapes(tiny[2]).items()}
-    assert vae.config_from_state_dict(shapes) == vae.VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=4)
+    assert checkpoint.config_from_shapes("vae", shapes) == vae.VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=4)
 
 
 def test_full_size_module_has_the_official_names_shapes_and_parameter_count():
     official = {k[len(PREFIX):]: tuple(v) for k, v in KEYS["single_file"]["vae"].items()}
     assert len(official) == 248
-    assert vae.config_from_state_dict(official) == vae.VAEConfig()
+    assert checkpoint.config_from_shapes("vae", official) == vae.VAEConfig()
     with torch.device("meta"):
         model = vae.AutoencoderKL(vae.VAEConfig())
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official
@@ -171,9 +160,9 @@ def test_full_size_module_has_the_official_names_shapes_and_parameter_count():
 def test_from_diffusers_maps_the_full_size_diffusers_file_onto_the_official_layout():
     official = {k[len(PREFIX):]: tuple(v) for k, v in KEYS["single_file"]["vae"].items()}
     sd = {k: torch.empty(v, device="meta") for k, v in KEYS["diffusers"][DIFFUSERS_FILE].items()}
-    converted = vae.from_diffusers(sd)
+    converted = checkpoint.from_diffusers("vae", sd)
     assert {k: tuple(v.shape) for k, v in converted.items()} == official
-    model = vae.build(converted)  # the whole loading path, on meta
+    model = checkpoint.build("vae", converted)  # the whole loading path, on meta
     assert model.config == vae.VAEConfig()
 
 
@@ -257,16 +246,17 @@ def test_float16_weights_are_upcast_to_float32_and_a_float16_vae_is_refused(tiny
 @pytest.mark.parametrize(
     "names, looks_like",
     [
-        (["input_blocks.0.0.weight", "time_embed.0.weight"], "a UNet"),
-        (["text_model.embeddings.token_embedding.weight"], "a text encoder"),
-        (["encoder.down_blocks.0.resnets.0.conv1.weight", "quant_conv.weight"], "from_diffusers"),
-        ([PREFIX + "encoder.conv_in.weight", PREFIX + "quant_conv.weight"], "prefix"),
-        (["encoder.conv_in.weight", "decoder.conv_in.weight"], "SD3/FLUX"),
+        (["input_blocks.0.0.weight", "time_embed.0.weight"], "no tensor encoder.conv_in.weight"),
+        (["text_model.embeddings.token_embedding.weight"], "no tensor encoder.conv_in.weight"),
+        (["encoder.down_blocks.0.resnets.0.conv1.weight", "quant_conv.weight"], "convert the diffusers layout"),
+        ([PREFIX + "encoder.conv_in.weight", PREFIX + "quant_conv.weight"], "strip the single file's prefix"),
+        (["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight",
+          "decoder.conv_out.weight"], "no tensor quant_conv.weight"),  # SD3/FLUX's 16-channel VAE has none
     ],
 )
 def test_a_non_vae_state_dict_fails_with_one_sentence_saying_what_it_looks_like(names, looks_like):
     with pytest.raises(CheckpointError) as e:
-        vae.build({n: torch.empty(1, 1, 1, 1) for n in names})
+        checkpoint.build("vae", {n: torch.empty(1, 1, 1, 1) for n in names})
     message = str(e.value)
     assert looks_like in message
     assert "\n" not in message and ". " not in message

@@ -102,7 +102,8 @@ def build_tiny_pipeline(tmp, seed=0):
 
 def save_tiny_sdxl(root, seed=0):
     """Write the tiny SDXL in both layouts; returns (pipeline, diffusers folder, single file)."""
-    from model.sdxl import PREFIX, SDXL
+    from model.checkpoint import PREFIX
+    from model.sdxl import SDXL
 
     pipe = build_tiny_pipeline(root, seed)
     folder = os.path.join(root, "diffusers")

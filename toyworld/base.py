@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from model import ddim
 from model.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer, eos_positions
-from model.sdxl import PREFIX
+from model.checkpoint import PREFIX
 from model.unet import UNet, UNetConfig
 from model.vae import SCALING_FACTOR, AutoencoderKL, VAEConfig
 from toyworld import world

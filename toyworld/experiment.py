@@ -37,7 +37,8 @@ from safetensors import safe_open
 
 from eval import face_diversity, face_similarity
 from model import ddim
-from model.mapper import code_to_z, load_mapper
+from model.checkpoint import load_mapper
+from model.mapper import code_to_z
 from model.sdxl import SDXL
 from toyworld import base, judge as judge_lib, world
 
@@ -139,7 +140,9 @@ def generate(model: SDXL, jobs: list[dict], mapper=None, steps: int = 20, guidan
         def eps_fn(x_t, t):
             return model.unet(torch.cat([x_t, x_t]), t.repeat(2), context, pooled, time_ids).float().chunk(2)
 
-        x_T = ddim.initial_noise([j["seed"] for j in chunk], (B, 4, size // 8, size // 8), model.device, torch.float32)
+        # x_T: each image its own seed, drawn as SDXL.generate draws one image's noise.
+        x_T = ddim.randn((B, 4, size // 8, size // 8), [torch.Generator().manual_seed(j["seed"]) for j in chunk],
+                         model.device, torch.float32)
         x_0 = ddim.sample(eps_fn, x_T, steps, guidance)
         out.append(torch.from_numpy(model.decode(x_0)).permute(0, 3, 1, 2))
     return torch.cat(out)

@@ -1,13 +1,13 @@
 """Numerical parity of our SDXL with diffusers and transformers, at full size, on the GPU.
 
-    python gpu_check.py           # the official shapes on the GPU (about 1.5 minutes on one H200, a guess since the image and gradient checks were added)
-    python gpu_check.py --tiny    # the same checks on tiny models: checks this script on a CPU
-    bash gpu_run.sh               # this, then bench.py, as BENCHMARKS.md reports them
+    python -m bench.gpu_check           # the official shapes on the GPU (about 1.5 minutes on one H200, a guess since the image and gradient checks were added)
+    python -m bench.gpu_check --tiny    # the same checks on tiny models: checks this script on a CPU
+    bash bench/gpu_run.sh               # this, then bench.py, as BENCHMARKS.md reports them
 
 The CPU tests compare every model with its reference at tiny sizes; this script does it where the
 fast paths run, at the official shapes. For each model (both text encoders, the UNet, the VAE)
 the diffusers/transformers module is built from the official config with random weights of a
-realistic scale (bench.py `randomize_`), ours holds the same tensors (each model file's
+realistic scale (bench.py `randomize_`), ours holds the same tensors (model/checkpoint.py's
 `from_diffusers`), both get the same inputs, and relative errors ‖a − b‖ / ‖b‖ are compared:
 
     float32    ours against theirs with TF32 off                                  limit 1e-3
@@ -27,7 +27,7 @@ realistic scale (bench.py `randomize_`), ours holds the same tensors (each model
 One PASS/FAIL/SKIP line per check, a summary, and JSON in --json (default $OUT/gpu_check.json
 when OUT is set). A check that raises is a FAIL with its error, and the others still run.
 
-Read next: bench.py (the speed side of the same run), BENCHMARKS.md.
+Read next: bench/bench.py (the speed side of the same run), bench/BENCHMARKS.md.
 """
 
 import argparse
@@ -43,10 +43,10 @@ import warnings
 import numpy as np
 import torch
 
-from bench import (BUILD, FROM_DIFFUSERS, PROMPT, build_diffusers, call_diffusers_unet, make_pipeline, make_sdxl,
+from bench.bench import (BUILD, FROM_DIFFUSERS, PROMPT, build_diffusers, call_diffusers_unet, make_pipeline, make_sdxl,
                    official_size, ours_from_diffusers, rel_err, tiny_size, unet_inputs)
-from model import attention, clip, ddim, unet
-from model.sdxl import CUDAGraphed
+from model import attention, clip, ddim, speed
+from model.speed import CUDAGraphed
 
 FP32_LIMIT = 1e-3
 BF16_FLOOR = 0.01  # the bfloat16 limit is max(2 × diffusers' own bfloat16 error, this)
@@ -233,7 +233,7 @@ class GPUCheck:
     def unet(self):
         d, res = self.device, self.size.image
         theirs = build_diffusers(self.size, d, torch.float32, names=("unet",))["unet"]
-        ours = unet.build(unet.from_diffusers(theirs.state_dict()))
+        ours = BUILD["unet"](FROM_DIFFUSERS["unet"](theirs.state_dict()))
         x, t, context, pooled, time_ids = unet_inputs(self.size, 2, res, d, torch.float32, seed=4)
         # two different samples: their own timestep and micro-conditioning each
         t = torch.tensor([999, 301], device=d)
@@ -289,7 +289,7 @@ class GPUCheck:
         if left < (0 if self.args.tiny else 40):
             self.checks.skip("UNet --compile regional", f"{left:.0f} s left of --budget-s {self.args.budget_s:.0f}")
             return
-        compiled = unet.compile_unet(BUILD["unet"](ours16.state_dict()), "regional")
+        compiled = speed.compile_unet(BUILD["unet"](ours16.state_dict()), "regional")
         t0 = time.perf_counter()
         with torch.no_grad():
             out = compiled(*bf16_inputs)

@@ -1,14 +1,14 @@
 """Speed and memory of our SDXL, beside diffusers on the same card, in one run.
 
-    python bench.py                                   # ours alone
-    python bench.py --vs-diffusers --json bench.json  # + diffusers with the same weights, and the ratios
-    python bench.py --tiny --vs-diffusers             # every section at a tiny size: checks this script on a CPU
-    bash gpu_run.sh                                   # gpu_check.py, then this, as BENCHMARKS.md reports it
+    python -m bench.bench                                   # ours alone (from the repository root)
+    python -m bench.bench --vs-diffusers --json bench.json  # + diffusers with the same weights, and the ratios
+    python -m bench.bench --tiny --vs-diffusers             # every section at a tiny size: checks this script on a CPU
+    bash bench/gpu_run.sh                                   # gpu_check.py, then this, as BENCHMARKS.md reports it
 
 No weights are downloaded. Every model is built at the official SDXL shapes (diffusers' official
 configs are in tests/data/sdxl_keys.json) with random weights of a realistic scale; speed does
 not depend on their values. With --vs-diffusers the weights are drawn once, in diffusers' and
-transformers' modules, and ours are the same tensors renamed by each model file's
+transformers' modules, and ours are the same tensors renamed by model/checkpoint.py's
 `from_diffusers`, so both sides compute the same function on the same card in the same run.
 
 What is measured, in this order (BENCHMARKS.md says how to read each number):
@@ -32,7 +32,7 @@ Sections run in that order of priority; one that fails prints `skipped: <why>` a
 on; past --budget-s the remaining ones are skipped. The table is printed as rows come in, again
 at the end, and the JSON is rewritten after every section, so a run that is killed keeps its rows.
 
-Read next: BENCHMARKS.md (targets and results), gpu_check.py (numerical parity on the GPU).
+Read next: bench/BENCHMARKS.md (targets and results), bench/gpu_check.py (numerical parity on the GPU).
 """
 
 import argparse
@@ -52,10 +52,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import clip, unet, vae
-from model.sdxl import PREFIX, SDXL
+from model import checkpoint, clip, speed, unet, vae
+from model.checkpoint import PREFIX
+from model.sdxl import SDXL
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 KEYS = os.path.join(ROOT, "tests", "data", "sdxl_keys.json")
 PROMPT = "a photo of a woman reading a book in a sunlit cafe"
 GUIDANCE = 5.0
@@ -122,8 +123,13 @@ def tiny_size() -> Size:
 # Random weights at those shapes, ours alone or drawn in diffusers' modules and shared
 # ---------------------------------------------------------------------------------------------
 
-# Our builders from official-name tensors, per model (they assign the tensors: no copy).
-BUILD = {"clip_l": clip.build_clip_l, "clip_g": clip.build_bigg, "unet": unet.build, "vae": vae.build}
+def build(name: str, sd: dict) -> torch.nn.Module:
+    """Our model `name` from official-name tensors (assigned: no copy), with the memory-saving
+    modules sample.py and train.py use."""
+    return speed.save_memory(checkpoint.build(name, sd))[0]
+
+
+BUILD = {name: functools.partial(build, name) for name in checkpoint.MODULES}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -152,6 +158,7 @@ def build_ours(size: Size, device, dtype, seed=0) -> dict[str, torch.nn.Module]:
                   "unet": unet.UNet(size.unet), "vae": vae.AutoencoderKL(size.vae)}
     for i, m in enumerate(models.values()):
         randomize_(m.to(dtype).to_empty(device=device), seed + i).eval().requires_grad_(False)
+    speed.save_memory(*models.values())
     return models
 
 
@@ -184,9 +191,8 @@ def build_diffusers(size: Size, device, dtype, seed=0, names=MODELS) -> dict[str
     return {name: models[name] for name in MODELS if name in models}
 
 
-# Each model file's renaming of the diffusers/transformers layout into official names.
-FROM_DIFFUSERS = {"clip_l": clip.clip_l_from_diffusers, "clip_g": clip.bigg_from_diffusers,
-                  "unet": unet.from_diffusers, "vae": vae.from_diffusers}
+# The loader's renaming of the diffusers/transformers layout into official names, per model.
+FROM_DIFFUSERS = {name: functools.partial(checkpoint.from_diffusers, name) for name in checkpoint.MODULES}
 
 
 def ours_from_diffusers(theirs: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -499,7 +505,7 @@ class Bench:
             self.report.skip("--cuda-graphs", "needs a CUDA GPU")
             return
         sdxl = make_sdxl(self.ours, d, self.dtype)
-        sdxl.enable_cuda_graphs()
+        speed.enable_cuda_graphs(sdxl)
         graphed = sdxl.graphed_unet
         with torch.no_grad():
             reserved = torch.cuda.memory_reserved(d)
@@ -629,7 +635,7 @@ class Bench:
         d = self.device
         host = {name: BUILD[name]({k: v.to("cpu") for k, v in m.state_dict().items()}) for name, m in self.ours.items()}
         sdxl = make_sdxl(host, "cpu", self.dtype)
-        sdxl.enable_offload(d)
+        speed.enable_offload(sdxl, d)
         with peak_memory(d, 0) as mem:
             image = self.generate(sdxl)  # also the warm-up
             s = time_ms(lambda: self.generate(sdxl), d, 0, 1) / 1e3
@@ -674,7 +680,7 @@ class Bench:
         # and replayed as a CUDA graph (--compile MODE --cuda-graphs)
         if d.type != "cuda":
             return
-        sdxl.enable_cuda_graphs()
+        speed.enable_cuda_graphs(sdxl)
         t0 = time.perf_counter()
         image = self.generate(sdxl)  # records the graph
         sync(d)
@@ -701,7 +707,7 @@ class Bench:
                 if isinstance(m, unet.BasicTransformerBlock):
                     m.compile(dynamic=False, fullgraph=True)
         else:
-            sdxl.compile(mode)
+            speed.compile(sdxl, mode)
         image = self.generate(sdxl)
         sync(d)
         return sdxl, image, time.perf_counter() - t0
@@ -709,7 +715,7 @@ class Bench:
     def training_compiled(self):
         res = self.size.train[0]
         cold_start(os.path.join(self.tmp, "inductor_cache_training"))
-        ours = unet.compile_unet(BUILD["unet"](self.ours["unet"].state_dict()), "regional")
+        ours = speed.compile_unet(BUILD["unet"](self.ours["unet"].state_dict()), "regional")
         sync(self.device)
         t0 = time.perf_counter()
         self.train_step_time(ours, res, call=lambda *a: ours(*a), warmup=(0, 1))
@@ -726,7 +732,7 @@ class Bench:
 
     def diffusers_compiled(self, mode: str):
         """diffusers' own recipes with torch.compile's defaults: regional = compile_repeated_blocks
-        (its BasicTransformerBlocks); full = the whole UNet and the VAE decoder (as the issue's
+        (its BasicTransformerBlocks); full = the whole UNet and the VAE decoder (as DESIGN.md's
         1.21 s figure was measured)."""
         d = self.device
         cold_start(os.path.join(self.tmp, f"inductor_cache_diffusers_{mode}"))
