@@ -378,8 +378,11 @@ def test_python_train_py_stopped_by_a_signal_saves_and_says_how_to_resume(tiny, 
 
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    # A shell's background job (a CI runner's, say) starts with SIGINT ignored, and its children
+    # inherit that; the child here must start as a user's terminal starts it, with SIGINT live.
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv(tiny, out, steps=1000)],
-                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
