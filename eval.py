@@ -58,6 +58,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 from tqdm import tqdm
 
+import cli
 from model import attention, checkpoint, clip
 from model.checkpoint import UserError
 
@@ -712,7 +713,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (torchrun: each process its LOCAL_RANK GPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", default="auto", choices=cli.DTYPES, help=cli.DTYPE_HELP)
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
     p.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
                    help="torch.compile the UNet (as sample.py)")
@@ -720,26 +721,11 @@ def parse_args(argv=None):
 
 
 def pick_device(name: str) -> torch.device:
-    """As sample.py: auto = CUDA if present, else MPS, else CPU; torchrun processes take GPU LOCAL_RANK."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
+    """--device as sample.py chooses it (cli.py); under torchrun, `auto` takes this process's GPU LOCAL_RANK."""
+    device = cli.pick_device(name)
+    if name == "auto" and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def check_numbers(args) -> None:
@@ -763,7 +749,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = cli.pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
     check_numbers(args)
     os.makedirs(args.out, exist_ok=True)
