@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from model.checkpoint import UserError
+from model.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_HELP = ("auto = bfloat16 on CUDA GPUs that compute in it (Ampere and later), float16 on older ones, "

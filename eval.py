@@ -35,8 +35,10 @@ method must clear.
 Generated images go to OUT/images/<subject>-code<N>/<m>-seed<seed>.png with OUT/images/prompts.json,
 the very layout `--images DIR` scores, so images of other methods are scored by the same code.
 
-Read this file after sample.py: it reuses the pipeline (model/sdxl.py), the mapper
-(model/mapper.py) and CLIP's image tower (model/clip.py, last section).
+It reuses the pipeline (model/sdxl.py), the mapper (model/mapper.py) and CLIP's image tower
+(model/clip_vision.py).
+
+Read next: toyworld/world.py (the toy world, where these metrics watch CoCoIns train).
 """
 
 import argparse
@@ -59,8 +61,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import cli
-from model import attention, checkpoint, clip
-from model.checkpoint import UserError
+from model import attention, checkpoint, clip, clip_vision
+from model.errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -190,7 +192,7 @@ def load_face_model(name: str, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIP-T: CLIP ViT-L/14 (model/clip.py), found where users have it
+# CLIP-T: CLIP ViT-L/14 (model/clip_vision.py), found where users have it
 # ----------------------------------------------------------------------------------------------
 
 CLIP_HUB_FOLDER = "models--openai--clip-vit-large-patch14"
@@ -218,7 +220,7 @@ def find_clip_weights() -> str | None:
     return None
 
 
-def load_clip(path: str, device, dtype=torch.float32) -> clip.CLIPModel:
+def load_clip(path: str, device, dtype=torch.float32) -> clip_vision.CLIPModel:
     """CLIP ViT-L/14 from a Hugging Face folder (its model.safetensors) or a .safetensors file."""
     from model.checkpoint import read_shapes, stream_tensors
 
@@ -239,14 +241,14 @@ def clip_tokenizer() -> clip.Tokenizer:
 
 
 @torch.no_grad()
-def clip_embeddings(model: clip.CLIPModel, images: list[np.ndarray], prompts: list[str], batch: int = 16):
+def clip_embeddings(model: clip_vision.CLIPModel, images: list[np.ndarray], prompts: list[str], batch: int = 16):
     """(image embeddings (N, P), text embeddings (N, P)) in float32 on the CPU."""
     device = model.visual_projection.weight.device
     tokenizer = clip_tokenizer()
     size = model.vision_config.image_size
     img, txt = [], []
     for n in range(0, len(images), batch):
-        pixels = torch.stack([clip.clip_preprocess(x, size) for x in images[n:n + batch]]).to(device)
+        pixels = torch.stack([clip_vision.clip_preprocess(x, size) for x in images[n:n + batch]]).to(device)
         img.append(model.encode_image(pixels).float().cpu())
         txt.append(model.encode_text(tokenizer(prompts[n:n + batch]).to(device)).float().cpu())
     return torch.cat(img), torch.cat(txt)

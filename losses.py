@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.checkpoint import UserError
+from model.errors import UserError
 
 
 @dataclass

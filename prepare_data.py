@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from model.checkpoint import UserError
+from model.errors import UserError
 
 # The paper's models, as transformers ships them: LLaVA-Next (Liu et al. 2024) for captions;
 # Grounded SAM (Ren et al. 2024) is Grounding DINO's boxes refined into masks by SAM. The paper

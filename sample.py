@@ -8,7 +8,9 @@ The same --code gives the same person in any prompt and on any seed. Every image
 PNG carrying its full generation parameters as PNG text; several images also get a labelled contact
 sheet (rows = prompts, columns = seeds), the paper's way of showing one subject everywhere.
 
-Read this file last: it only parses flags and calls model/sdxl.py and model/mapper.py.
+It only parses flags and calls model/sdxl.py and model/mapper.py.
+
+Read next: eval.py (measuring whether a code keeps its person).
 """
 
 import argparse
@@ -23,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
 from model import attention, checkpoint, ddim, speed
-from model.checkpoint import UserError
+from model.errors import UserError
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
 # --concept, the first of these found in the prompt is the concept.

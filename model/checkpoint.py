@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer
+from model.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel, Tokenizer
+from model.clip_vision import CLIPModel, CLIPVisionConfig
 from model.errors import UserError
 from model.mapper import Mapper, MapperConfig
 from model.unet import UNet, UNetConfig

@@ -41,19 +41,15 @@ BETA_END = 0.012  # β at t = T − 1
 STEPS_OFFSET = 1  # "leading" spacing shifted by one: SDXL samples t = 1, …, never t = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# The schedule
-# ---------------------------------------------------------------------------------------------
+# -- The schedule ----------------------------------------------------------------------------
 
 
 def alpha_bars(T: int = T, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
     """ᾱ_t for t = 0 … T−1 under the "scaled_linear" schedule, shape (T,), float64.
 
-    The values are computed in float32 exactly as diffusers computes them (its `alphas_cumprod` is
-    float32), then widened to float64 so that every coefficient derived from them is computed in
-    double precision. The original sgm code runs the cumprod in float64; the two differ by at
-    most 1e-6 relative, far below anything visible, and matching diffusers makes images
-    reproducible across the two."""
+    Computed in float32 as diffusers does (its `alphas_cumprod`), then widened so every coefficient
+    derived from them is float64. sgm's float64 cumprod differs by ≤ 1e-6 relative, invisible;
+    matching diffusers makes images reproducible across the two."""
     # PITFALL: SDXL's betas are linear in √β ("scaled_linear"), not in β.
     # β_t = (√β_start + t/(T−1)·(√β_end − √β_start))²
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
@@ -71,9 +67,7 @@ def timesteps(num_steps: int, T: int = T, offset: int = STEPS_OFFSET) -> torch.T
     return (torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + offset).flip(0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward process and the x̂₀ estimate (used by training and by every sampling step)
-# ---------------------------------------------------------------------------------------------
+# -- Forward process and the x̂₀ estimate (used by training and by every sampling step) ------
 
 
 def _per_sample(c, x: torch.Tensor):
@@ -99,9 +93,7 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tens
     return (x_t - _per_sample((1 - alpha_bar_t) ** 0.5, x_t) * eps) / _per_sample(alpha_bar_t**0.5, x_t)
 
 
-# ---------------------------------------------------------------------------------------------
-# One DDIM step
-# ---------------------------------------------------------------------------------------------
+# -- One DDIM step ---------------------------------------------------------------------------
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float,
@@ -119,18 +111,14 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_ba
     return x_prev
 
 
-# ---------------------------------------------------------------------------------------------
-# Random numbers, drawn as diffusers draws them
-# ---------------------------------------------------------------------------------------------
+# -- Random numbers, drawn as diffusers draws them -------------------------------------------
 
 
 def randn(shape, generator: torch.Generator | list[torch.Generator] | None, device, dtype) -> torch.Tensor:
-    """Standard normal noise as diffusers' `randn_tensor` draws it from one generator: on the
-    generator's device (None: the global RNG, on `device`), in `dtype`, then moved to `device`.
-    model/sdxl.py draws x_T so from `torch.Generator("cpu").manual_seed(seed)`, and the same seed
-    gives a diffusers user the same starting latents. DDIM's initial noise scale is 1.
-    A list of generators, one per batch row, draws each row as that image alone would be drawn
-    (a batch of independent images, as eval.py makes them)."""
+    """Standard normal noise as diffusers' `randn_tensor` draws it: on the generator's device (None:
+    the global RNG, on `device`), in `dtype`, then moved to `device`; so model/sdxl.py's x_T from
+    `torch.Generator("cpu").manual_seed(seed)` equals a diffusers user's (DDIM's noise scale is 1).
+    A list of generators, one per row, draws each row as that image alone would be drawn."""
     if isinstance(generator, list):
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     # PITFALL: the numbers depend on how they are drawn, not only on the seed: drawing on the
@@ -139,9 +127,7 @@ def randn(shape, generator: torch.Generator | list[torch.Generator] | None, devi
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# The sampling loop with classifier-free guidance
-# ---------------------------------------------------------------------------------------------
+# -- The sampling loop with classifier-free guidance -----------------------------------------
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -151,17 +137,12 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, et
            generator: torch.Generator | list[torch.Generator] | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: x_T (B, C, h, w) → x_0, same shape and dtype.
 
-    Contract of `eps_fn(x_t, t) -> (eps_cond, eps_uncond)`:
-      - `x_t`: (B, C, h, w), the current latents, in x_T's dtype and on its device;
-      - `t`: LongTensor (B,) on x_T's device, the timestep (the same value in every row);
-      - returns ε_c (with the prompt) and ε_u (with the negative prompt), each (B, C, h, w).
-        How to evaluate them is the caller's choice (typically one UNet call on the batch of 2B
-        latents [x_t; x_t] with conditioning [negative; prompt], then `.chunk(2)`).
-      - when guidance == 1, ε̂ = ε_c and ε_u is never read: the caller may return None for it
-        and skip the unconditional half. (diffusers also ignores guidance scales below 1; here
-        the guidance formula holds for every s ≠ 1.)
-    `generator` feeds the η > 0 noise: pass the generator that drew x_T to reproduce diffusers'
-    DDIMScheduler with the same generator (a list: one per image, see `randn`); None uses the global RNG.
+    `eps_fn(x_t, t) -> (ε_c, ε_u)`: x_t (B, C, h, w) in x_T's dtype and device, t a (B,) LongTensor
+    there (one value); it returns the predictions with the prompt and with the negative prompt,
+    each (B, C, h, w), typically from one UNet call on [x_t; x_t] then `.chunk(2)`. At guidance 1,
+    ε̂ = ε_c and ε_u may be None (the guidance formula holds for every s ≠ 1; diffusers also
+    ignores s < 1). `generator` feeds the η > 0 noise: the one that drew x_T reproduces diffusers'
+    DDIMScheduler (a list: one per image, see `randn`); None uses the global RNG.
     The loop never synchronises host and device (no `.item()`, no per-step host→device copy)."""
     if not 0 <= eta <= 1:
         raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise), got {eta}")

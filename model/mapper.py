@@ -16,8 +16,7 @@ Symbols (the paper's):
     ê        e with w inserted (eq. 4)
 
 Contents, in the order a prompt meets them: `code_to_z`, the `Mapper` (`f`), `find_concept`,
-`insert` / `insert_many` / `insert_subjects`. Trained mappers are saved and loaded by
-model/checkpoint.py (`save_mapper`, `load_mapper`).
+`insert` / `insert_many` / `insert_subjects` (saving and loading: model/checkpoint.py).
 
 Read next: losses.py (how f is trained), then train.py.
 """
@@ -51,18 +50,12 @@ class MapperConfig:
     # Hidden nonlinearity: "leaky_relu" (slope 0.2) as in StyleGAN's mapping network, or "gelu".
     activation: str = "leaky_relu"
     # The output layer: "layernorm", w = μ + σ⊙LayerNorm(Wh+b) (see PseudoWordHead), or "none",
-    # w = μ + σ⊙(Wh+b), a plain linear output as the paper's MLP has. Mappers saved before this
-    # field existed have the LayerNorm, and load with this default.
+    # w = μ + σ⊙(Wh+b), the paper's plain MLP output. (Mappers saved without the field have the LayerNorm.)
     norm: str = "layernorm"
 
 
 NORMS = ("layernorm", "none")
-
-
-ACTIVATIONS = {
-    "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
-    "gelu": F.gelu,
-}
+ACTIVATIONS = {"leaky_relu": lambda x: F.leaky_relu(x, 0.2), "gelu": F.gelu}
 
 
 # -- codes ---------------------------------------------------------------------------------------
@@ -155,15 +148,12 @@ class Mapper(nn.Module):
 
 def find_concept(token_ids: Sequence[int], concept_ids: Sequence[int], *, word: str, prompt: str,
                  occurrence: int = 0) -> int:
-    """Index of the concept word's first token at its `occurrence`-th appearance (0: the first)
-    in a tokenized prompt.
+    """Index of the concept word's first token at its `occurrence`-th appearance (0: the first).
 
-    `token_ids` is the prompt as the tokenizer gives it (BOS first, then EOS and padding);
-    `concept_ids` the word alone (`Tokenizer.encode(word)`, no BOS/EOS). A word of several BPE
-    tokens is found as a whole and the index of its first token is returned, so the pseudo-word
-    goes before the whole word. `word` and `prompt` only name the problem in the error.
-    (Matching is on ids: a word that is also the last BPE piece of a longer word, like "boarder"
-    in "snowboarder", would match inside it; such prompts are rare enough to accept.)"""
+    `token_ids`: the tokenized prompt (BOS, ..., EOS, padding); `concept_ids`: the word alone
+    (`Tokenizer.encode(word)`). A word of several BPE tokens is matched whole, so the pseudo-word
+    goes before all of it; `word` and `prompt` only name the problem in the error. (Matching is on
+    ids: "boarder" would match inside "snowboarder"; such prompts are rare enough to accept.)"""
     ids = [int(t) for t in token_ids]
     concept_ids = [int(t) for t in concept_ids]
     if not concept_ids:
@@ -223,15 +213,13 @@ def insert_many(e: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], eos_pos: Tens
 
 
 def insert_subjects(e: Tensor, eos_pos: Tensor, ids: Tensor, tokenizer, subjects, prompts: Sequence[str]):
-    """Insert pseudo-words before named concept words in a batch of tokenized prompts.
+    """Insert pseudo-words before named concept words in a batch of tokenized prompts -> (ê, eos_hat).
 
-    e (B, L, D) and eos_pos (B,) from one encoder; ids (B, L) the prompts' token ids from that
-    encoder's tokenizer (anything with `.encode(text) -> list[int]`; keep them on the CPU, where
-    the positions are looked up without a device sync); `subjects` a list of (w, concept) with
-    w (D,) for the whole batch or (B, D) per prompt, and concept one word for the whole batch or
-    a list of one word per prompt (a training batch mixes "man" and "woman"). Several subjects
-    of one word take its occurrences in order ("a man talking to another man": the first
-    subject goes before the first "man", the second before the second). Returns (ê, eos_hat)."""
+    e (B, L, D), eos_pos (B,) from one encoder; ids (B, L) its token ids, on the CPU (positions are
+    looked up without a device sync); `tokenizer` has `.encode(text)`; `subjects` is a list of
+    (w, concept): w (D,) or (B, D), concept one word or one per prompt (a training batch mixes "man"
+    and "woman"). Subjects of one word take its occurrences in order ("a man talking to another
+    man": the first goes before the first "man", the second before the second)."""
     B, L = e.shape[:2]
     positions = [[] for _ in range(B)]  # per prompt: (index, concept length, word) of each subject
     for w, words in subjects:

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import checkpoint, clip, ddim, vae
+from model import checkpoint, clip, ddim, mapper, vae
 from model.errors import UserError
 
 
@@ -53,8 +53,6 @@ class SDXL:
         `subjects` (CoCoIns) is a list of (w_l, w_g, concept) triples: pseudo-words for the two
         encoders ((D,) for every prompt or (B, D) one per prompt) and the concept word they are
         inserted before (one word, or a list of one word per prompt)."""
-        from model import mapper  # CoCoIns lives in its own chapter
-
         # ids stay on the CPU, where insertion looks up the concept positions without a device sync.
         ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
         e_l, e_g = self.clip_l.embed(ids_l.to(self.device)), self.clip_g.embed(ids_g.to(self.device))

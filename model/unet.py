@@ -18,8 +18,8 @@ Reference: Stability AI's `sgm` (generative-models), `sgm/modules/diffusionmodul
 (UNetModel, ResBlock, Downsample, Upsample) and `sgm/modules/attention.py` (SpatialTransformer,
 BasicTransformerBlock, CrossAttention, GEGLU); SDXL config `configs/inference/sd_xl_base.yaml`.
 Module attribute names equal the official checkpoint's `model.diffusion_model.*` names, so the
-official file loads by prefix with `strict=True`. `from_diffusers` at the end renames the
-diffusers layout (`unet/diffusion_pytorch_model.safetensors`) to the same names.
+official file loads by prefix with `strict=True` (model/checkpoint.py renames the diffusers
+layout, `unet/diffusion_pytorch_model.safetensors`, to the same names).
 
 Symbols:   x_t noisy latent (B, 4, h, w)   t timestep (B,)   eps ε̂ predicted noise
            context (B, 77, 2048)   pooled (B, 1280)   time_ids (B, 6)   y (B, 2816)
@@ -59,9 +59,7 @@ class UNetConfig:
         return 4 * self.model_channels
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks, in the order the forward pass meets them
-# ---------------------------------------------------------------------------------------------
+# -- Building blocks, in the order the forward pass meets them -------------------------------
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -231,9 +229,7 @@ class Block(nn.Sequential):
         return h
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
+# -- The model -------------------------------------------------------------------------------
 
 
 class UNet(nn.Module):

@@ -13,8 +13,8 @@ Reference: Stability-AI/generative-models (sgm), `sgm/models/autoencoder.py`,
 `sgm/modules/diffusionmodules/model.py` (Encoder, Decoder, ResnetBlock, AttnBlock,
 Downsample, Upsample) and `sgm/modules/distributions/distributions.py`
 (DiagonalGaussianDistribution). Module names below are the official checkpoint's
-`first_stage_model.*` names with that prefix stripped, so the official file loads by prefix;
-`from_diffusers` at the bottom renames the diffusers folder layout into them.
+`first_stage_model.*` names with that prefix stripped, so the official file loads by prefix
+(model/checkpoint.py renames the diffusers folder layout into them).
 
 Shape of the network (SDXL base numbers, `VAEConfig` defaults):
 

@@ -1,4 +1,4 @@
-"""CLIP ViT-L/14 whole (model/clip.py's last section) against transformers' CLIPModel.
+"""CLIP ViT-L/14 whole (model/clip_vision.py) against transformers' CLIPModel.
 
 A scaled-down CLIP with the real topology (quick_gelu, 64-wide heads, class token, pre- and
 post-LayerNorm, bias-free projections, the real 49,408-token vocabulary) is built with
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model import checkpoint, clip
+from model import checkpoint, clip, clip_vision
 from model.checkpoint import CheckpointError
 from tests.tiny_sdxl import _randomize
 
@@ -64,7 +64,7 @@ def rel_err(a, b):
 
 def test_image_embeddings_match_transformers(pair):
     reference, ours, _ = pair
-    pixels = torch.stack([clip.clip_preprocess(im, 56) for im in images(3, (70, 90))])
+    pixels = torch.stack([clip_vision.clip_preprocess(im, 56) for im in images(3, (70, 90))])
     with torch.no_grad():
         expected = reference.get_image_features(pixel_values=pixels).pooler_output
         got = ours.encode_image(pixels)
@@ -86,7 +86,7 @@ def test_text_embeddings_match_transformers_reading_the_last_layer_at_eos(pair):
 def test_clip_t_is_the_raw_cosine_transformers_computes(pair):
     reference, ours, _ = pair
     ids = clip.Tokenizer.bundled(pad="eos")(PROMPTS)
-    pixels = torch.stack([clip.clip_preprocess(im, 56) for im in images(2, (56, 56), seed=1)])
+    pixels = torch.stack([clip_vision.clip_preprocess(im, 56) for im in images(2, (56, 56), seed=1)])
     with torch.no_grad():
         out = reference(input_ids=ids, pixel_values=pixels)
         # transformers' logits are exp(logit_scale)·cos; divide the temperature back out.
@@ -113,7 +113,7 @@ def test_preprocessing_equals_transformers_clip_image_processor():
     for size in ((300, 225), (225, 401), (224, 224), (1024, 1024), (97, 131)):
         im = images(1, size, seed=sum(size))[0]
         expected = torch.as_tensor(np.asarray(processor(images=im, return_tensors="np")["pixel_values"][0]))
-        got = clip.clip_preprocess(im)
+        got = clip_vision.clip_preprocess(im)
         assert got.shape == (3, 224, 224)
         assert (got - expected).abs().max() < 1e-5, size
 
@@ -129,7 +129,7 @@ def test_a_file_that_is_not_clip_is_one_sentence(pair):
 def test_full_size_configuration_is_vit_l_14():
     """The defaults are ViT-L/14's: read back from meta-device shapes as the loader reads a file."""
     with torch.device("meta"):
-        model = clip.CLIPModel(clip.CLIPTextConfig(), clip.CLIPVisionConfig(), 768)
+        model = clip_vision.CLIPModel(clip.CLIPTextConfig(), clip_vision.CLIPVisionConfig(), 768)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     text, vision, projection = checkpoint.clip_config_from_state_dict(shapes)
     assert (vision.image_size, vision.patch_size, vision.width, vision.layers, vision.heads) == (224, 14, 1024, 24, 16)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import data
 from data import CelebA, DataConfig, LatentCache, collate
-from model.checkpoint import UserError
+from model.errors import UserError
 
 # The 40 attributes in the column order of CelebA's list_attr_celeba.txt.
 ATTRIBUTES = (

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from model import ddim
-from model.checkpoint import UserError
+from model.errors import UserError
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "sdxl_keys.json")
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 import eval as ev
 from model import checkpoint, clip, mapper
-from model.checkpoint import UserError
+from model.errors import UserError
 from model.sdxl import SDXL
 from tests.test_clip_vision import save_as_hub_folder, tiny_transformers_clip
 from tests.tiny_sdxl import save_tiny_sdxl

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from losses import LossConfig, background_loss, cocoins_loss, distance, lambda_neg, masked_distance
-from model.checkpoint import UserError
+from model.errors import UserError
 
 
 def img(*pixels):

@@ -23,7 +23,7 @@ from PIL import Image
 
 import data
 import prepare_data
-from model.checkpoint import UserError
+from model.errors import UserError
 from tests.test_data import save_image, truncate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 import train
 from losses import LossConfig, cocoins_loss
-from model.checkpoint import UserError, read_metadata
+from model.checkpoint import read_metadata
+from model.errors import UserError
 from model.ddim import add_noise, alpha_bars, x0_from_eps
 from model.checkpoint import load_mapper
 from model.mapper import Mapper, MapperConfig, embedding_stats
