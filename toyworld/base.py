@@ -11,7 +11,7 @@ an official-layout single file that `sample.py`, `train.py` and `eval.py` load w
             transformer still gives every word its own features, which the UNet learns to read
             (DESIGN.md's probe: named colour 88 %, scene 92 %). Training them too would cost a
             third more per step and change nothing the experiment measures.
-    UNet    SDXL's topology: 3 levels (64, 64, 128 channels), no attention at the first,
+    UNet    SDXL's topology: 3 levels (64, 64, 128 channels), attention at every level (below),
             cross-attention to the 192-wide context, added size/crop conditioning; ε-prediction
             on SDXL's schedule (model/ddim.py), 10 % caption dropout to the zero conditioning
             that an empty negative prompt gives (so classifier-free guidance works as in SDXL).
@@ -49,7 +49,9 @@ CLIP_G = OpenCLIPTextConfig(width=128, layers=3, heads=2, mlp_width=512, project
 # store it). At 32 channels that is one channel per group, an instance norm that erases each
 # channel's mean, and with it the flat colours this world is made of. So no layer is under 64 wide.
 VAE = VAEConfig(ch=32, ch_mult=(2, 2, 2, 2), num_res_blocks=1)
-UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+# Unlike SDXL, the first level attends too: at 64 px it is the 8x8 latent, the only level where a
+# person is more than one pixel wide, so the words reach the places where attributes are drawn.
+UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
                   transformer_depth_middle=1, context_dim=CLIP_L.width + CLIP_G.width,
                   adm_in_channels=CLIP_G.projection_dim + 6 * 256)
 
@@ -60,9 +62,9 @@ class BaseConfig:
     vae_batch: int = 6
     vae_lr: float = 2e-3
     latent_penalty: float = 1e-4  # weight of mean(μ²): keeps the latent's scale from drifting
-    unet_steps: int = 2000  # UNet steps; ~21 epochs of a 6,000-image world at batch 64
+    unet_steps: int = 2400  # UNet steps; ~26 epochs of a 6,000-image world at batch 64
     unet_batch: int = 64
-    unet_lr: float = 3e-4
+    unet_lr: float = 6e-4
     ema: float = 0.999  # the saved UNet is an exponential moving average of the trained one
     caption_dropout: float = 0.1  # share of steps' captions replaced by the unconditional zeros
     seed: int = 0
