@@ -132,18 +132,20 @@ def test_judge_reads_shapes():
 
 def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, "-m", "toyworld", "--scale", "smoke", "--rows", "core",
+    # --jobs 2: the two seeds' mapper runs train side by side, as on the 2-core machine
+    proc = subprocess.run([sys.executable, "-m", "toyworld", "--scale", "smoke", "--rows", "core", "--jobs", "2",
                            "--work", str(tmp_path / "work"), "--results", str(results)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
-    for needle in ("python -m toyworld --scale smoke --rows core", "## Is CoCoIns working here?", "| CoCoIns (full) |",
+    for needle in ("python -m toyworld --scale smoke --rows core --jobs 2", "## Is CoCoIns working here?", "| CoCoIns (full) |",
                    "| Dataset (same person = same identity label) |", "## The judge"):
         assert needle in text
     raw = json.loads(text.split("```json")[1].split("```")[0])
     for row in ("dataset", "base", "full"):
         assert 0 <= raw[row]["scene_accuracy"] <= 1 and np.isfinite(raw[row]["face_div"])
     assert len(raw["full_rows"]) == 2 and len(raw["curve"]) >= 2
+    assert proc.stdout.count("training CoCoIns (full)") == 2  # both seeds, in the parallel pass
     for name in ("contact_base.png", "contact_cocoins.png", "curve_loss.png", "curve_face_sim.png", "vae_reconstructions.png"):
         assert (tmp_path / "figures" / name).is_file(), name
     # A rerun reuses the world, the base model, the judge and the trained mappers.

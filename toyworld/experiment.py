@@ -21,6 +21,7 @@ Read next: toyworld/README.md (what the results say), RESULTS.md.
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -37,6 +39,7 @@ from safetensors import safe_open
 
 from eval import face_diversity, face_similarity
 from model import ddim
+from model.clip import EOS_ID
 from model.checkpoint import load_mapper
 from model.mapper import code_to_z
 from model.sdxl import SDXL
@@ -60,23 +63,30 @@ class Row:
 FULL = Row("CoCoIns (full)", table="main", paper=(0.600, 0.799))
 ROWS = [
     FULL,
-    # First what tells why the full method does what it does: the weight of the negative term.
-    Row("γ / 10", ("--gamma", "0.0001"), "choices"),
+    # First what tells why the full method does what it does: the scale of the negative term. The
+    # default γ = 1e-4 was chosen from these rows (losses.py says why); 1e-3 was the default before.
+    Row("γ = 1e-3 (x 10, the earlier default)", ("--gamma", "0.001"), "choices"),
+    Row("γ = 1e-2 (x 100)", ("--gamma", "0.01"), "choices"),
+    Row("γ = 1e-5 (/ 10)", ("--gamma", "0.00001"), "choices"),
+    # Area normalisation divides d_m by the mask's share (here about 0.4), a ~2.5x weaker negative
+    # term: compared at the γ where it keeps the scene, against the plain mean at 1e-4.
+    Row("Masked distance normalised by area, γ = 1e-3", ("--mask-reduction", "area", "--gamma", "0.001"), "choices"),
+    # Training's timesteps reach the noisiest levels, where sampling decides the scene and the layout.
+    Row("Training timesteps up to T (t ~ U[200, 1000))", ("--t-max", "1000"), "choices"),
+    Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices"),
     # Table 3: the consistency loss
     Row("Pos", ("--gamma", "0"), "table3", (0.394, 0.500)),
     Row("Pos + Neg (constant weight)", ("--beta", "0"), "table3", (0.492, 0.750)),
     Row("Pos + Neg (subtract)", ("--negative", "subtract"), "table3", (0.380, 0.444)),
-    # Open choices the paper leaves to us
-    Row("Masked distance normalised by area", ("--mask-reduction", "area"), "choices"),
-    Row("γ x 10", ("--gamma", "0.01"), "choices"),
-    Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices"),
-    Row("Sampling's size/crop conditioning in training", ("--time-ids", "sampling"), "choices"),
     # Table 4: mask and background loss
     Row("Consistency loss, no mask", ("--mask", "none"), "table4", (0.444, 0.395)),
     Row("+ Mask (no background loss)", ("--lambda-back", "0"), "table4", (0.619, 0.352)),
     # Table 5: how the positive is made
     Row("Same prompts, different noise", ("--positive-prompt", "same"), "table5", (0.548, 0.686)),
     Row("Different prompts, same noise", ("--positive-noise", "same"), "table5", (0.306, 0.772)),
+    # Not a row: train.py's `--time-ids sampling` is the same computation here, since every image of
+    # this world is 64 px, square and uncropped, so its own size/crop conditioning is (64, 64, 0, 0,
+    # 64, 64), which is what sampling passes (the earlier run gave identical numbers to the digit).
 ]
 # Where each paper table's full-method row sits (the full method is the last row of each table).
 PAPER_FULL = (0.600, 0.799)
@@ -206,6 +216,42 @@ def pseudo_word_similarity(mapper, codes: list[int]) -> float:
     cos = u @ u.T
     i, j = torch.triu_indices(len(codes), len(codes), offset=1)
     return cos[i, j].mean().item()
+
+
+@torch.no_grad()
+def context_bleed(model: SDXL, mapper, codes: list[int], scenes=world.SCENES) -> dict:
+    """How far one word inserted before the concept moves the UNet's context of the words after it.
+
+    For each evaluation prompt ("a photo of a woman on the beach"), the relative change
+    |c'_k − c_k| / |c_k| of the context vectors c_k of the concept word, the scene words and the
+    EOS, when one token is inserted before the concept (c'_k: the same words, one position
+    later), averaged over words and prompts. Three references: a real world word the captions
+    put there (the skin words), a pseudo-word of the trained mapper, and, for scale, changing
+    the scene itself (the same positions, a different scene phrase)."""
+    def shift(prompt, inserted=None, subjects=None):
+        ids = model.tok_l([prompt])[0].tolist()
+        i, n = ids.index(model.tok_l.encode("woman")[0]), ids.index(EOS_ID)
+        c = model.encode_prompt([prompt], subjects)[0][0]
+        return c, list(range(i, n + 1))
+
+    def rel(c_new, c_old, old_positions, offset):
+        new = c_new[[k + offset for k in old_positions]]
+        return ((new - c_old[old_positions]).norm(dim=-1) / c_old[old_positions].norm(dim=-1)).mean().item()
+
+    real, pseudo, scene = [], [], []
+    for s, sc in enumerate(scenes):
+        prompt = world.prompt("woman", sc)
+        c, after = shift(prompt)
+        for word in world.SKIN_WORDS.values():
+            real.append(rel(shift(prompt.replace("woman", f"{word} woman"))[0], c, after, len(model.tok_l.encode(word))))
+        for code in codes:
+            w_l, w_g = mapper(code_to_z(code, mapper.config.z_dim)[None])
+            pseudo.append(rel(model.encode_prompt([prompt], [(w_l[0], w_g[0], "woman")])[0][0], c, after, 1))
+        other = world.prompt("woman", scenes[(s + 1) % len(scenes)])
+        c_other, after_other = shift(other)
+        if len(after_other) == len(after):  # the same positions hold the other scene's words
+            scene.append(rel(c_other, c, after, 0))
+    return {"real_word": float(np.mean(real)), "pseudo_word": float(np.mean(pseudo)), "other_scene": float(np.mean(scene))}
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -385,8 +431,9 @@ class Experiment:
 
     # -- mapper rows -----------------------------------------------------------------------------
 
-    def train_row(self, row: Row, seed: int) -> str:
-        """Train (or reuse) one mapper with train.py; returns its run folder."""
+    def train_row(self, row: Row, seed: int, threads: int = 0) -> str:
+        """Train (or reuse) one mapper with train.py (on `threads` CPU threads, 0: PyTorch's choice);
+        returns its run folder."""
         s = self.scale
         run = os.path.join(self.work, "runs", _slug(row.name) + f"-seed{seed}")
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", self.data, "--weights", self.weights,
@@ -395,10 +442,13 @@ class Experiment:
                "--checkpoint-every", str(s.checkpoint_every), "--sample-every", "0", "--num-workers", "0",
                "--device", "cpu", "--seed", str(seed), *row.flags]
         done = os.path.join(run, "done.json")
+        identity = run_identity(cmd[2:])
+        # A finished run with the same resolved settings (under any row name) is this row's run.
+        for other in sorted(glob.glob(os.path.join(self.work, "runs", "*", "done.json"))):
+            with open(other) as f:
+                if json.load(f).get("identity") == identity:
+                    return os.path.dirname(other)
         if os.path.isfile(done):
-            with open(done) as f:
-                if json.load(f)["command"] == cmd[1:]:
-                    return run
             shutil.rmtree(run)
         resume = ["--resume"] if os.path.isfile(os.path.join(run, "state.pt")) else []
         self.log(f"training {row.name} (seed {seed}): {' '.join(cmd[1:])}")
@@ -408,7 +458,8 @@ class Experiment:
         watcher = threading.Thread(target=_watch_checkpoints, args=(run, snapshots, stop), daemon=True)
         watcher.start()
         try:
-            proc = subprocess.run(cmd + resume, cwd=ROOT, capture_output=True, text=True)
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+            proc = subprocess.run(cmd + resume, cwd=ROOT, capture_output=True, text=True, env=env)
         finally:
             stop.set()
             watcher.join()
@@ -416,12 +467,25 @@ class Experiment:
             raise RuntimeError(f"train.py failed for {row.name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         _snapshot(run, snapshots)
         with open(done, "w") as f:
-            json.dump({"command": cmd[1:], "seconds": round(time.time() - t0)}, f)
+            json.dump({"command": cmd[1:], "identity": identity, "seconds": round(time.time() - t0)}, f)
         return run
 
     def eval_row(self, model: SDXL, judge: judge_lib.Judge, mapper_path: str | None, figure: str | None = None,
                  title: str = "", offset: int = 0) -> dict:
         jobs = eval_jobs(self.scale, offset)
+        # A mapper's scores are kept beside it, valid while the mapper, the judge and the sampling
+        # settings stay the same: a rerun that adds a row does not redraw the others.
+        cache, key = None, None
+        if mapper_path and not figure:
+            s = self.scale
+            key = {"mapper": os.path.getmtime(mapper_path), "judge": os.path.getmtime(os.path.join(self.work, "judge.pt")),
+                   "jobs": jobs, "steps": s.steps, "guidance": s.guidance}
+            cache = mapper_path + ".metrics.json"
+            if os.path.isfile(cache):
+                with open(cache) as f:
+                    kept = json.load(f)
+                if kept["key"] == key:
+                    return kept["metrics"]
         mapper = load_mapper(mapper_path) if mapper_path else None
         images = generate(model, jobs, mapper, self.scale.steps, self.scale.guidance)
         if figure:
@@ -429,17 +493,37 @@ class Experiment:
         metrics = score_generated(images, jobs, judge)
         if mapper is not None:
             metrics["w_cos"] = pseudo_word_similarity(mapper, sorted({j["code"] for j in jobs}))
+        if cache:
+            with open(cache + ".tmp", "w") as f:
+                json.dump({"key": key, "metrics": metrics}, f)
+            os.replace(cache + ".tmp", cache)
         return metrics
 
     def curve(self, model: SDXL, judge: judge_lib.Judge, run: str) -> list[dict]:
         """Face Sim and Face Div of every checkpoint snapshot of a run (the curve over training)."""
         folder = os.path.join(run, "snapshots")
         points = []
-        for name in sorted(os.listdir(folder), key=lambda n: int(n.split("_")[1].split(".")[0])):
+        names = [n for n in os.listdir(folder) if n.endswith(".safetensors")]  # not the scores kept beside them
+        for name in sorted(names, key=lambda n: int(n.split("_")[1].split(".")[0])):
             step = int(name.split("_")[1].split(".")[0])
             m = self.eval_row(model, judge, os.path.join(folder, name))
             points.append({"step": step, **m})
         return points
+
+
+def run_identity(train_args: list[str]) -> dict:
+    """What a train.py run computes: its arguments with train.py's defaults filled in, less where it
+    writes. A changed default changes the identity of the rows that rely on it (they retrain); the
+    same settings spelled differently ("--gamma 0.001" or that default) are one run."""
+    import train  # only its argument parser and defaults
+
+    resolved = vars(train.parse_args(train_args))
+    for key, value in train.METHOD_DEFAULTS.items():
+        if resolved[key] is None:
+            resolved[key] = value
+    for key in ("out", "cache_dir", "resume", "num_workers", "checkpoint_every"):
+        resolved.pop(key)
+    return resolved
 
 
 def _slug(name: str) -> str:
@@ -556,6 +640,12 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
     L += _table([("Dataset (same person = same identity label)", f["dataset"]),
                  ("Base model, no code (grouped by index)", f["base"]),
                  ("CoCoIns (full)", f["full"])]) + [""]
+    if f.get("bleed"):
+        b = f["bleed"]
+        L += ["How far a word inserted before the concept moves the context of the words after it (the concept, "
+              "the scene words, EOS; relative change of their context vectors, mean over the evaluation prompts): "
+              f"a real skin word {b['real_word']:.3f}, a trained pseudo-word (full CoCoIns, seed 0) {b['pseudo_word']:.3f}; "
+              f"for scale, swapping the scene phrase itself moves them {b['other_scene']:.3f}.", ""]
     if f.get("ablations"):
         L += ["", "## Ablations (one mapper seed each), against the paper's Tables 3-5 (Portraits)", ""]
         for table, title in (("table3", "Table 3: the consistency loss"), ("table4", "Table 4: mask and background"),
@@ -605,6 +695,7 @@ def main(argv=None) -> None:
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/ beside --results)")
     p.add_argument("--mapper-seeds", type=int, default=0, help="seeds of the base-model and full-CoCoIns rows (0: the scale's, 3 at full scale)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's choice)")
+    p.add_argument("--jobs", type=int, default=1, help="mapper runs trained side by side, the threads shared among them (2 on a 2-core machine is faster than 1)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -616,6 +707,15 @@ def main(argv=None) -> None:
     t0 = time.time()
     facts = {"world": exp.make_world(), "base_facts": exp.make_base()}
     model = exp.load_model()
+    def train_side_by_side(pairs):
+        # `jobs` train.py processes at a time, the threads shared among them: the toy UNet's small
+        # convolutions keep two threads of one process far from twice one thread's speed, so two
+        # one-thread runs side by side finish sooner. The loops below then find these runs done.
+        if args.jobs > 1:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(lambda pair: exp.train_row(*pair, threads=max(1, torch.get_num_threads() // args.jobs)), pairs))
+
+    train_side_by_side([(FULL, seed) for seed in range(scale.mapper_seeds)])
     judge, facts["judge"] = exp.make_judge(model)
     facts["dataset"] = exp.dataset_row(judge)
     facts["quality"] = exp.base_quality(model, judge)
@@ -631,6 +731,7 @@ def main(argv=None) -> None:
     facts.update(base=_aggregate(base_rows), full=_aggregate(full_rows), full_seed0=full_rows[0],
                  base_rows=base_rows, full_rows=full_rows, mapper_seeds=scale.mapper_seeds)
     facts["verdicts"] = verdicts(facts["dataset"], base_rows, full_rows)
+    facts["bleed"] = context_bleed(model, load_mapper(os.path.join(runs[0], "mapper.safetensors")), [1000 + k for k in range(scale.codes)])
     # Curves of the first full run: the loss terms from its log, Face Sim / Div from its checkpoints.
     with open(os.path.join(runs[0], "log.jsonl")) as fh:
         log = [json.loads(line) for line in fh if line.strip()]
@@ -640,7 +741,8 @@ def main(argv=None) -> None:
     line_plot({k: [(c["step"], c[k]) for c in facts["curve"]] for k in ("face_sim", "face_div", "identity_agreement")},
               os.path.join(figures, "curve_face_sim.png"), "Face Sim / Face Div / agreement over training", "value")
     command = "python -m toyworld" + (f" --scale {args.scale}" if args.scale != "full" else "") + (
-        f" --rows {args.rows}" if args.rows != "all" else "") + (f" --mapper-seeds {args.mapper_seeds}" if args.mapper_seeds else "")
+        f" --rows {args.rows}" if args.rows != "all" else "") + (f" --mapper-seeds {args.mapper_seeds}" if args.mapper_seeds else "") + (
+        f" --threads {args.threads}" if args.threads else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     facts["figures"] = figures
     facts["machine"] = f"{torch.get_num_threads()} CPU threads"
 
@@ -650,6 +752,7 @@ def main(argv=None) -> None:
 
     report()  # the core rows are on disk before the ablations start
     if args.rows == "all":
+        train_side_by_side([(row, 0) for row in ROWS[1:]])
         facts["ablations"] = []
         for row in ROWS[1:]:
             run = exp.train_row(row, 0)
