@@ -58,6 +58,7 @@ class Row:
     flags: tuple[str, ...] = ()  # train.py flags on top of the scale's common ones
     table: str = ""  # which comparison it belongs to
     paper: tuple[float, float] | None = None  # the paper's (Face Sim, Face Div), Portraits
+    figure: str = ""  # a contact sheet of this row too, under this file name
 
 
 FULL = Row("CoCoIns (full)", table="main", paper=(0.600, 0.799))
@@ -65,7 +66,7 @@ ROWS = [
     FULL,
     # First what tells why the full method does what it does: the scale of the negative term. The
     # default γ = 1e-4 was chosen from these rows (losses.py says why); 1e-3 was the default before.
-    Row("γ = 1e-3 (x 10, the earlier default)", ("--gamma", "0.001"), "choices"),
+    Row("γ = 1e-3 (x 10, the earlier default)", ("--gamma", "0.001"), "choices", figure="contact_cocoins_gamma_1e-3.png"),
     Row("γ = 1e-2 (x 100)", ("--gamma", "0.01"), "choices"),
     Row("γ = 1e-5 (/ 10)", ("--gamma", "0.00001"), "choices"),
     # Area normalisation divides d_m by the mask's share (here about 0.4), a ~2.5x weaker negative
@@ -604,16 +605,22 @@ def _aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def direction(row: dict, full: dict, paper_row: tuple[float, float] | None) -> str:
-    """Does the toy world agree with the paper that the full method beats this ablation, per metric?"""
+def direction(row: dict, full: dict, paper_row: tuple[float, float] | None, spread: dict | None = None) -> str:
+    """Does the toy world agree with the paper that the full method beats this ablation, per metric?
+
+    `spread`: the full method's standard deviation over mapper seeds per metric; a difference
+    under twice that is no evidence either way ("undecided")."""
     if not paper_row:
         return ""
     words = []
     for k, i, label in (("face_sim", 0, "Face Sim"), ("face_div", 1, "Face Div")):
         paper_says = PAPER_FULL[i] > paper_row[i]
         toy_says = full[k] > row[k]
+        verdict = "agrees" if paper_says == toy_says else "DISAGREES"
+        if spread and abs(full[k] - row[k]) < 2 * spread.get(k, 0.0):
+            verdict = f"undecided (|Δ| {abs(full[k] - row[k]):.3f} < 2 x the seeds' spread {spread[k]:.3f})"
         words.append(f"{label}: paper {'full > ablation' if paper_says else 'ablation ≥ full'}, "
-                     f"toy {'full > ablation' if toy_says else 'ablation ≥ full'} → {'agrees' if paper_says == toy_says else 'DISAGREES'}")
+                     f"toy {'full > ablation' if toy_says else 'ablation ≥ full'} → {verdict}")
     return "; ".join(words)
 
 
@@ -624,7 +631,9 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
           "Made by one command (`toyworld/experiment.py`; the numbers and figures below are its output, "
           "rerunning it reproduces them):", "", f"    {command}", "",
           f"Scale `{scale_name}`; {f['world']['images']} images of {f['world']['identities']} people; "
-          f"wall time {f['seconds'] / 60:.0f} min on {f['machine']}.", ""]
+          f"wall time {f['seconds'] / 60:.0f} min on {f['machine']}" + (
+              "; the steps when they ran: " + ", ".join(f"{k} {v:.0f} min" for k, v in f["step_minutes"].items())
+              if f.get("step_minutes") else "") + ".", ""]
     if os.path.isfile(os.path.join(os.path.dirname(path), "FINDINGS.md")):
         with open(os.path.join(os.path.dirname(path), "FINDINGS.md")) as fh:
             L += [fh.read().strip(), ""]
@@ -656,7 +665,8 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
             L += [f"### {title}", ""]
             L += _table(rows + [("CoCoIns (full, seed 0)", {**f["full_seed0"], "paper": PAPER_FULL if table != "choices" else None})],
                         paper=table != "choices")
-            L += [""] + [f"- {name}: {direction(r, f['full_seed0'], r.get('paper'))}" for name, r in rows if r.get("paper")] + [""]
+            spread = {k: f["full"][k + "_sd"] for k in ("face_sim", "face_div")} if f.get("mapper_seeds", 1) > 1 else None
+            L += [""] + [f"- {name}: {direction(r, f['full_seed0'], r.get('paper'), spread)}" for name, r in rows if r.get("paper")] + [""]
     L += ["## The base model", "",
           f"- Parameters: {', '.join(f'{k} {v / 1e6:.2f} M' for k, v in f['base_facts']['parameters'].items())}.",
           f"- Training: VAE {f['base_facts']['vae_seconds'] / 60:.1f} min (L1 {f['base_facts']['vae_l1_64px']:.3f} on [-1, 1]), "
@@ -675,11 +685,13 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
     L += ["", "## Figures", ""]
     for title, name in (("Base model, no code: rows are code indices (random people), columns scenes", "contact_base.png"),
                         ("CoCoIns: rows are codes, columns scenes", "contact_cocoins.png"),
+                        ("CoCoIns at γ = 1e-3, the earlier default: more consistent codes, blurred scenes", "contact_cocoins_gamma_1e-3.png"),
                         ("Loss terms over training (full CoCoIns, seed 0)", "curve_loss.png"),
                         ("Face Sim and Face Div over training (full CoCoIns, seed 0)", "curve_face_sim.png"),
                         ("VAE: images (top) and reconstructions (bottom)", "vae_reconstructions.png"),
                         ("Base model, one named attribute per prompt", "base_named_attributes.png")):
-        L += [f"**{title}**", "", f"![{title}]({rel(os.path.join(f['figures'], name))})", ""]
+        if os.path.isfile(os.path.join(f["figures"], name)):  # the γ = 1e-3 sheet comes with the ablations
+            L += [f"**{title}**", "", f"![{title}]({rel(os.path.join(f['figures'], name))})", ""]
     L += ["## Raw numbers", "", "```json", json.dumps({k: v for k, v in f.items() if k != "verdicts"}, indent=1, default=str), "```", ""]
     with open(path + ".tmp", "w") as fh:
         fh.write("\n".join(L))
@@ -748,6 +760,15 @@ def main(argv=None) -> None:
 
     def report():
         facts["seconds"] = time.time() - t0
+        # What the cached steps cost when they ran (a rerun reuses them, so its own wall time is short).
+        used = runs + [exp.train_row(row, 0) for row in ROWS[1:]] if facts.get("ablations") else runs
+        mapper_seconds = 0
+        for run in dict.fromkeys(used):
+            with open(os.path.join(run, "done.json")) as fh:
+                mapper_seconds += json.load(fh)["seconds"]
+        facts["step_minutes"] = {"world": facts["world"]["seconds"] / 60, "vae": facts["base_facts"]["vae_seconds"] / 60,
+                                 "unet": facts["base_facts"]["unet_seconds"] / 60, "judge": facts["judge"]["seconds"] / 60,
+                                 "mapper runs (each on its own, summed)": mapper_seconds / 60}
         write_results(args.results, command, args.scale, facts)
 
     report()  # the core rows are on disk before the ablations start
@@ -756,7 +777,9 @@ def main(argv=None) -> None:
         facts["ablations"] = []
         for row in ROWS[1:]:
             run = exp.train_row(row, 0)
-            m = exp.eval_row(model, judge, os.path.join(run, "mapper.safetensors"))
+            m = exp.eval_row(model, judge, os.path.join(run, "mapper.safetensors"),
+                             os.path.join(figures, row.figure) if row.figure else None,
+                             "CoCoIns, " + row.name.replace("γ", "gamma"))  # (the figure font has no γ)
             facts["ablations"].append({"name": row.name, "table": row.table, "flags": " ".join(row.flags),
                                        "paper": row.paper, **m})
             exp.log(f"{row.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
