@@ -144,7 +144,10 @@ def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
     raw = json.loads(text.split("```json")[1].split("```")[0])
     for row in ("dataset", "base", "full"):
         assert 0 <= raw[row]["scene_accuracy"] <= 1 and np.isfinite(raw[row]["face_div"])
-    assert len(raw["full_rows"]) == 2 and len(raw["curve"]) >= 2
+    # The curve's points are the checkpoints a watcher copies while train.py runs (a poll: at full
+    # scale checkpoints are a minute apart; at smoke size two may land within one poll, so only the
+    # final one is certain).
+    assert len(raw["full_rows"]) == 2 and len(raw["curve"]) >= 1 and raw["curve"][-1]["step"] == 2
     assert proc.stdout.count("training CoCoIns (full)") == 2  # both seeds, in the parallel pass
     for name in ("contact_base.png", "contact_cocoins.png", "curve_loss.png", "curve_face_sim.png", "vae_reconstructions.png"):
         assert (tmp_path / "figures" / name).is_file(), name

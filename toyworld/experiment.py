@@ -552,7 +552,7 @@ def _snapshot(run: str, snapshots: str) -> None:
 
 def _watch_checkpoints(run: str, snapshots: str, stop: threading.Event) -> None:
     # train.py replaces mapper.safetensors atomically at each checkpoint; keep every one of them.
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         _snapshot(run, snapshots)
 
 
