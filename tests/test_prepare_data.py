@@ -39,12 +39,7 @@ DOG_CAPTIONS = ["a girl and her dog on the grass", "a sleepy dog in the snow"]
 IMAGES = {"rex.jpg": (96, 64), "park/bella.png": (64, 80), "park/deep/max.webp": (72, 72)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def last_word(prompt):

@@ -48,12 +48,7 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(root=root, weights=single, folder=folder, data=str(root / "celeba"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(tiny, out, *extra, steps=3):
