@@ -227,15 +227,15 @@ def context_bleed(model: SDXL, mapper, codes: list[int], scenes=world.SCENES) ->
 
     For each evaluation prompt ("a photo of a woman on the beach"), the relative change
     |c'_k − c_k| / |c_k| of the context vectors c_k of the concept word, the scene words and the
-    EOS, when one token is inserted before the concept (c'_k: the same words, one position
-    later), averaged over words and prompts. Three references: a real world word the captions
-    put there (the skin words), a pseudo-word of the trained mapper, and, for scale, changing
-    the scene itself (the same positions, a different scene phrase)."""
-    def shift(prompt, inserted=None, subjects=None):
+    EOS, when a word is inserted before the concept (c'_k: the same words, as many positions later
+    as the word has tokens), averaged over words and prompts. Three references: a real world word
+    the captions put there (the skin words), a pseudo-word of the trained mapper, and, for scale,
+    changing the scene itself (the same positions, a different scene phrase of as many tokens)."""
+    def shift(prompt):
+        """The plain prompt's context (L, D) and the positions from its concept word to its EOS."""
         ids = model.tok_l([prompt])[0].tolist()
         i, n = ids.index(model.tok_l.encode("woman")[0]), ids.index(EOS_ID)
-        c = model.encode_prompt([prompt], subjects)[0][0]
-        return c, list(range(i, n + 1))
+        return model.encode_prompt([prompt])[0][0], list(range(i, n + 1))
 
     def rel(c_new, c_old, old_positions, offset):
         new = c_new[[k + offset for k in old_positions]]
@@ -738,7 +738,7 @@ def main(argv=None) -> None:
     exp.log("evaluating the base model without codes")
     base_rows = [exp.eval_row(model, judge, None, os.path.join(figures, "contact_base.png") if s == 0 else None,
                               "base model, no code", offset=s) for s in range(scale.mapper_seeds)]
-    full_rows, runs = [], []
+    full_rows, runs = [], []  # runs: every mapper run the report uses, the full method's seeds first
     for seed in range(scale.mapper_seeds):
         run = exp.train_row(FULL, seed)
         runs.append(run)
@@ -765,9 +765,8 @@ def main(argv=None) -> None:
     def report():
         facts["seconds"] = time.time() - t0
         # What the cached steps cost when they ran (a rerun reuses them, so its own wall time is short).
-        used = runs + [exp.train_row(row, seed) for row in ROWS[1:] for seed in range(row.seeds)] if facts.get("ablations") else runs
         mapper_seconds = 0
-        for run in dict.fromkeys(used):
+        for run in dict.fromkeys(runs):  # a run two rows share counts once
             with open(os.path.join(run, "done.json")) as fh:
                 mapper_seconds += json.load(fh)["seconds"]
         facts["step_minutes"] = {"world": facts["world"]["seconds"] / 60, "vae": facts["base_facts"]["vae_seconds"] / 60,
@@ -780,10 +779,12 @@ def main(argv=None) -> None:
         train_side_by_side([(row, seed) for row in ROWS[1:] for seed in range(row.seeds)])
         facts["ablations"] = []
         for row in ROWS[1:]:
-            seeds = [exp.eval_row(model, judge, os.path.join(exp.train_row(row, seed), "mapper.safetensors"),
+            row_runs = [exp.train_row(row, seed) for seed in range(row.seeds)]
+            runs += row_runs
+            seeds = [exp.eval_row(model, judge, os.path.join(run, "mapper.safetensors"),
                                   os.path.join(figures, row.figure) if row.figure and seed == 0 else None,
                                   "CoCoIns, " + row.name.replace("γ", "gamma"))  # (the figure font has no γ)
-                     for seed in range(row.seeds)]
+                     for seed, run in enumerate(row_runs)]
             m = _aggregate(seeds) if row.seeds > 1 else seeds[0]
             name = row.name + (f" ({row.seeds} seeds)" if row.seeds > 1 else "")
             facts["ablations"].append({"name": name, "table": row.table, "flags": " ".join(row.flags),
