@@ -157,3 +157,17 @@ def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "training " not in again.stdout and "vae step" not in again.stdout and "judge step" not in again.stdout
+
+
+def test_a_run_is_known_by_its_resolved_settings():
+    # The cache key of a mapper run: a default spelled out is the same run, a changed setting is
+    # another, and where the run writes is no part of what it computes.
+    from losses import LossConfig
+    from toyworld.experiment import run_identity
+
+    plain = run_identity(["--data", "d", "--out", "a"])
+    assert run_identity(["--data", "d", "--out", "b", "--cache-dir", "c", "--gamma", str(LossConfig.gamma),
+                         "--mask-reduction", LossConfig.mask_reduction]) == plain
+    assert run_identity(["--data", "d", "--out", "a", "--gamma", str(LossConfig.gamma * 10)]) != plain
+    assert run_identity(["--data", "d", "--out", "a", "--seed", "1"]) != plain
+    assert plain["mask_reduction"] == LossConfig.mask_reduction  # method flags left out carry train.py's default
