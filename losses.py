@@ -45,14 +45,13 @@ class LossConfig:
     # at zero, where the positive term drives d_m(x̂*, x̂+).
     distance: str = "l2"
     # γ, the final weight of the negative term, chosen in the toy world (toyworld/RESULTS.md, "Open
-    # choices"): over γ = 1e-2, 1e-3, 1e-4 the codes' consistency (Face Sim 0.80, 0.76, 0.67; the base
-    # model 0.46) is bought with the prompt (scene accuracy 0.27, 0.67, 0.96; base 0.99), because the
-    # cheapest way to push x̂* from x̂- inside the mask is to change the whole image, and L_back, which
-    # only sees t < 800, does not hold the scene the noisiest steps decide. 1e-4 is the largest γ that
-    # kept the scene. The masked distances there (mean over all elements, subject ~40 % of the latent)
-    # were 0.015-0.04; the reciprocal's scale follows the mask's area, so a much smaller subject
-    # (a face in a wide shot) may want a smaller γ, or mask_reduction "area" (below).
-    gamma: float = 1e-4
+    # choices"), whose text encoders, like SDXL's, keep the words after an inserted word readable:
+    # there γ = 1e-5 ... 1e-1 all keep the scene, and Face Sim grows with γ up to 1e-2. With random,
+    # frozen text encoders (toyworld/RESULTS-frozen-text.md) every γ above 1e-4 lost the scene: a
+    # pseudo-word rewrote the whole prompt. The masked distances (mean over all elements, subject
+    # ~40 % of the latent) were 0.003-0.04; the reciprocal's scale follows the mask's area, so a much
+    # smaller subject (a face in a wide shot) may want a smaller γ, or mask_reduction "area" (below).
+    gamma: float = 1e-2
     # β, the shape of the ramp λ_neg = γ·(k/K)^β. The paper gives none; 1 (linear) is the plainest
     # increasing schedule: no negative push at the start, when f's words are still random, the
     # full γ at the end.

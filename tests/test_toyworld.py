@@ -171,3 +171,44 @@ def test_a_run_is_known_by_its_resolved_settings():
     assert run_identity(["--data", "d", "--out", "a", "--gamma", str(LossConfig.gamma * 10)]) != plain
     assert run_identity(["--data", "d", "--out", "a", "--seed", "1"]) != plain
     assert plain["mask_reduction"] == LossConfig.mask_reduction  # method flags left out carry train.py's default
+
+
+def test_a_run_is_also_known_by_the_base_model_it_trains_through(tmp_path):
+    # The runs folder outlives a retrained base.safetensors at the same path: its runs must not be reused.
+    from dataclasses import replace
+
+    smoke = experiment.SCALES["smoke"]
+    args = ["--data", "d", "--weights", "w.safetensors", "--out", "a"]
+    one = experiment.Experiment(smoke, str(tmp_path / "w"), str(tmp_path / "f"), log=lambda *a: None)
+    same = experiment.Experiment(smoke, str(tmp_path / "w2"), str(tmp_path / "f2"), log=lambda *a: None)
+    other = experiment.Experiment(replace(smoke, base_config=replace(smoke.base_config, text="frozen")),
+                                  str(tmp_path / "w3"), str(tmp_path / "f3"), log=lambda *a: None)
+    assert one.run_identity(args) == same.run_identity(args)
+    assert one.run_identity(args) != other.run_identity(args)
+
+
+@pytest.mark.parametrize("text", ["trained", "frozen"])
+def test_the_text_encoders_train_with_the_unet_except_their_token_tables(tmp_path, text):
+    from dataclasses import replace
+
+    world.export(str(tmp_path), world.WorldConfig(identities=4, images_per_identity=1))
+    _, _, truth = base.load_world(str(tmp_path))
+    models = base.build(0)
+    before = {k: v.clone() for name in ("clip_l", "clip_g", "unet") for k, v in models[name].state_dict(prefix=name + ".").items()}
+    encoder = base.TextEncoder(models["clip_l"], models["clip_g"], train=text == "trained")
+    cfg = replace(base.BaseConfig(), unet_steps=3, unet_batch=2, text=text, ema=0.0)  # ema 0: the saved weights are the last step's
+    base.train_unet(models["unet"], encoder, torch.randn(4, 4, 8, 8), truth, cfg, log=lambda *a: None)
+    after = {k: v for name in ("clip_l", "clip_g", "unet") for k, v in models[name].state_dict(prefix=name + ".").items()}
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    tables = {"clip_l.text_model.embeddings.token_embedding.weight", "clip_g.token_embedding.weight"}
+    assert not moved & tables  # the mapper's token statistics keep describing the table
+    assert any(k.startswith("unet.") for k in moved)
+    text_moved = {k for k in moved if k.startswith("clip_")}
+    if text == "trained":
+        # Every tensor on the path to the context and the pooled vector learns (CLIP-L's last layer
+        # and final norm are not on it: SDXL reads its penultimate state).
+        assert "clip_l.text_model.encoder.layers.0.self_attn.q_proj.weight" in text_moved
+        assert "clip_g.text_projection" in text_moved and "clip_g.positional_embedding" in text_moved
+    else:
+        assert not text_moved
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training

@@ -106,8 +106,8 @@ def test_train_py_logs_every_loss_term_of_every_step(trained):
         assert set(row) == LOG_KEYS
         assert all(math.isfinite(v) for v in row.values())
         assert row["d_neg"] > 0 and row["l_pos"] > 0 and row["l_back"] > 0
-        # λ_neg = γ·(k/K)^β with the defaults γ = 1e-4, β = 1, K = 3
-        assert row["lambda_neg"] == pytest.approx(1e-4 * row["step"] / 3)
+        # λ_neg = γ·(k/K)^β with the defaults γ = 1e-2, β = 1, K = 3
+        assert row["lambda_neg"] == pytest.approx(1e-2 * row["step"] / 3)
         # L = λ_con·(l_pos + λ_neg·l_neg) + λ_back·l_back with λ_con = λ_back = 1
         assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
         assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"], rel=1e-5)

@@ -6,11 +6,18 @@ an official-layout single file that `sample.py`, `train.py` and `eval.py` load w
     VAE     SDXL's AutoencoderKL with 4 levels (8x downsampling, 4 latent channels), 64 channels wide.
             64 px images -> 4 x 8 x 8 latents, trained on L1 reconstruction of the posterior mean.
     text    CLIP-L (64 wide) and bigG (128 wide, pooled 32), 3 layers each, with the real CLIP
-            tokenizer; random and FROZEN. SDXL's own text encoders are frozen while its UNet
-            trains, and CoCoIns needs only a differentiable path through them; a random frozen
-            transformer still gives every word its own features, which the UNet learns to read
-            (DESIGN.md's probe: named colour 88 %, scene 92 %). Training them too would cost a
-            third more per step and change nothing the experiment measures.
+            tokenizer; TRAINED jointly with the UNet, their token tables frozen at CLIP's random
+            initialisation. Why trained: SDXL's encoders come from CLIP, trained on captions, and
+            keep words apart; a random frozen causal transformer mixes every token into the later
+            ones, so an inserted word rewrites the scene words' features (a pseudo-word moved them
+            by 0.57 of their norm, more than swapping the scene phrase did), and the mapper bought
+            distinct people by rewriting the prompt (toyworld/RESULTS-frozen-text.md). Trained here,
+            on captions that name attributes before the concept word only some of the time, the
+            encoders learn to carry the scene past whatever comes before it. Why the token tables
+            stay frozen: the mapper shapes pseudo-words by the token table's per-dimension mean and
+            std (model/mapper.py), which in SDXL describe trained words; here ~100 of 49,408 rows
+            are used, and training only those would leave the table's statistics describing
+            untouched noise. `BaseConfig.text = "frozen"` gives the earlier, random frozen encoders.
     UNet    SDXL's topology: 3 levels (64, 64, 128 channels), attention at every level (below),
             cross-attention to the 192-wide context, added size/crop conditioning; ε-prediction
             on SDXL's schedule (model/ddim.py), 10 % caption dropout to the zero conditioning
@@ -67,7 +74,12 @@ class BaseConfig:
     unet_lr: float = 6e-4
     ema: float = 0.999  # the saved UNet is an exponential moving average of the trained one
     caption_dropout: float = 0.1  # share of steps' captions replaced by the unconditional zeros
+    text: str = "trained"  # the CLIP towers: "trained" with the UNet (token tables frozen), or "frozen"
     seed: int = 0
+
+    def vae_part(self) -> dict:
+        """The settings the VAE depends on (a changed UNet setting keeps the trained VAE)."""
+        return {k: getattr(self, k) for k in ("vae_steps", "vae_batch", "vae_lr", "latent_penalty", "seed")}
 
 
 def _init_text(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -86,7 +98,7 @@ def _init_text(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """The four toy SDXL models, freshly initialised (text encoders are final: they never train)."""
+    """The four toy SDXL models, freshly initialised."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": UNet(UNET), "vae": AutoencoderKL(VAE)}
@@ -186,15 +198,21 @@ def fold_latent_scale(vae: AutoencoderKL, z: torch.Tensor) -> float:
 # -- the UNet ------------------------------------------------------------------------------------
 
 
-class TextEncoder:
-    """Prompts -> (context (B, 77, 192), pooled (B, 32)) with the frozen toy CLIP towers, as SDXL encodes."""
+class TextEncoder(torch.nn.Module):
+    """Prompts -> (context (B, 77, 192), pooled (B, 32)) with the toy CLIP towers, as SDXL encodes.
 
-    def __init__(self, clip_l: CLIPTextModel, clip_g: OpenCLIPTextModel):
-        self.clip_l, self.clip_g = clip_l.eval().requires_grad_(False), clip_g.eval().requires_grad_(False)
+    `train`: the towers learn with the UNet, all but their token tables (see the module's docstring)."""
+
+    def __init__(self, clip_l: CLIPTextModel, clip_g: OpenCLIPTextModel, train: bool = False):
+        super().__init__()
+        self.clip_l, self.clip_g = clip_l, clip_g
+        self.requires_grad_(train)
+        clip_l.text_model.embeddings.token_embedding.requires_grad_(False)
+        clip_g.token_embedding.requires_grad_(False)
+        self.train(train)
         self.tok_l, self.tok_g = Tokenizer.bundled(pad="eos"), Tokenizer.bundled(pad="!")
 
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]):
+    def forward(self, prompts: list[str]):
         ids_l, ids_g = self.tok_l(prompts), self.tok_g(prompts)
         out_l = self.clip_l(self.clip_l.embed(ids_l), eos_positions(ids_l))
         out_g = self.clip_g(self.clip_g.embed(ids_g), eos_positions(ids_g))
@@ -212,14 +230,16 @@ def fresh_captions(truth: list[dict], rng: random.Random) -> list[str]:
     return out
 
 
-def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list[dict], cfg: BaseConfig, log=print) -> UNet:
-    """ε-prediction on SDXL's schedule: L = ‖ε − ε_θ(√ᾱ_t·x₀ + √(1−ᾱ_t)·ε, t, c, y)‖²; returns the EMA UNet."""
+def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list[dict], cfg: BaseConfig, log=print) -> None:
+    """ε-prediction on SDXL's schedule: L = ‖ε − ε_θ(√ᾱ_t·x₀ + √(1−ᾱ_t)·ε, t, c, y)‖², c and y from
+    `text` (trained with the UNet when its parameters require gradients). On return `unet` and
+    `text` hold the exponential moving average of their weights, in eval mode."""
     rng, g = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     alpha_bar = ddim.alpha_bars()
-    ema = UNet(unet.config)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    trained = torch.nn.ModuleDict({"unet": unet, "text": text})
+    params = [p for p in trained.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     B = cfg.unet_batch
     time_ids = torch.tensor([world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE], dtype=torch.float32).expand(B, 6)
     unet.train()
@@ -228,8 +248,8 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list
         idx = torch.randint(len(latents), (B,), generator=g)
         context, pooled = text(fresh_captions([truth[i] for i in idx.tolist()], rng))
         # Caption dropout: the unconditional branch of SDXL base is all zeros (empty negative prompt).
-        drop = torch.rand(B, generator=g) < cfg.caption_dropout
-        context[drop], pooled[drop] = 0, 0
+        keep = (torch.rand(B, generator=g) >= cfg.caption_dropout).float()
+        context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         x0 = latents[idx]
         t = torch.randint(0, ddim.T, (B,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -237,41 +257,56 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list
         loss = F.mse_loss(unet(x_t, t, context, pooled, time_ids), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             # EMA warm-up: a short run cannot wait for 1/(1 − 0.999) steps before the average means anything.
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+            for p_ema, p in zip(ema, params):
                 p_ema.lerp_(p, 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 100 == 0 or step == cfg.unet_steps:
             log(f"unet step {step}/{cfg.unet_steps}  loss {avg:.4f}  {time.time() - t0:.0f}s")
-    return ema.eval()
+    with torch.no_grad():
+        for p_ema, p in zip(ema, params):
+            p.copy_(p_ema)
+    trained.eval().requires_grad_(False)
 
 
-def train_base(world_dir: str, out_path: str, cfg: BaseConfig = BaseConfig(), log=print, figure: str | None = None) -> dict:
-    """World -> VAE -> latents -> UNet -> `out_path` (official single file). Returns training facts.
+def make_vae(world_dir: str, cfg: BaseConfig = BaseConfig(), log=print, figure: str | None = None) -> tuple[AutoencoderKL, dict]:
+    """World -> trained VAE with its latent scale folded in. Returns (vae, training facts).
 
     `figure`: a PNG of 8 images (top) and their VAE reconstructions (bottom)."""
     torch.manual_seed(cfg.seed)
-    images, _, truth, masks = load_world(world_dir, masks=True)
-    models = build(cfg.seed)
+    images, _, _, masks = load_world(world_dir, masks=True)
+    vae = build(cfg.seed)["vae"]
     t0 = time.time()
-    train_vae(models["vae"], images, masks, cfg, log)
-    z = encode_means(models["vae"], images)
-    s = fold_latent_scale(models["vae"], z)
-    latents = z * s * SCALING_FACTOR
-    log(f"latent scale folded into the VAE: x{s:.3f} (latents: mean {latents.mean():.3f}, std {latents.std():.3f})")
-    vae_seconds = time.time() - t0
+    train_vae(vae, images, masks, cfg, log)
+    z = encode_means(vae, images)
+    s = fold_latent_scale(vae, z)
+    log(f"latent scale folded into the VAE: x{s:.3f}")
     with torch.no_grad():
-        rec = models["vae"].decode(latents[:256] / SCALING_FACTOR).clamp(-1, 1)
-    vae_l1 = (rec - to_unit(images[:256])).abs().mean().item()
+        rec = vae.decode(z[:256] * s).clamp(-1, 1)
     if figure:
         pairs = torch.stack([images[:8], ((rec[:8] + 1) * 127.5).round().byte()])  # (2, 8, 3, 64, 64)
         Image.fromarray(pairs.permute(0, 3, 1, 4, 2).reshape(2 * 64, 8 * 64, 3).numpy()).save(figure)
-    models["unet"] = train_unet(models["unet"], TextEncoder(models["clip_l"], models["clip_g"]), latents, truth, cfg, log)
+    return vae, {"vae_seconds": round(time.time() - t0), "latent_scale": s,
+                 "vae_l1_64px": round((rec - to_unit(images[:256])).abs().mean().item(), 4)}
+
+
+def train_base(world_dir: str, out_path: str, vae: AutoencoderKL, cfg: BaseConfig = BaseConfig(), log=print) -> dict:
+    """World + trained VAE (`make_vae`) -> latents -> UNet and text encoders -> `out_path` (official
+    single file). Returns training facts."""
+    if cfg.text not in ("trained", "frozen"):
+        raise ValueError(f'BaseConfig.text must be "trained" or "frozen", got {cfg.text!r}')
+    images, _, truth = load_world(world_dir)
+    models = build(cfg.seed)
+    models["vae"] = vae.eval()
+    t0 = time.time()
+    latents = encode_means(vae, images) * SCALING_FACTOR
+    log(f"latents: mean {latents.mean():.3f}, std {latents.std():.3f}")
+    text = TextEncoder(models["clip_l"], models["clip_g"], train=cfg.text == "trained")
+    train_unet(models["unet"], text, latents, truth, cfg, log)
     save_single_file(out_path, models)
-    return {"vae_seconds": round(vae_seconds), "unet_seconds": round(time.time() - t0 - vae_seconds),
-            "vae_l1_64px": round(vae_l1, 4), "latent_scale": s,
+    return {"unet_seconds": round(time.time() - t0), "text": cfg.text,
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
