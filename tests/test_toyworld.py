@@ -212,3 +212,16 @@ def test_the_text_encoders_train_with_the_unet_except_their_token_tables(tmp_pat
     else:
         assert not text_moved
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+
+
+def test_named_jobs_name_one_person_per_code_in_every_scene():
+    scale = experiment.SCALES["full"]
+    jobs = experiment.named_jobs(scale)
+    assert [(j["code"], j["scene"], j["seed"]) for j in jobs] == [(j["code"], j["scene"], j["seed"]) for j in experiment.eval_jobs(scale)]
+    people = {}
+    for j in jobs:
+        phrase = world.SCENE_PHRASES[j["scene"]][0]
+        assert j["prompt"].endswith(" " + phrase) and re.search(rf"\b{j['concept']}\b", j["prompt"])
+        people.setdefault(j["code"], set()).add(j["prompt"][: -len(phrase)])
+    assert all(len(p) == 1 for p in people.values())  # the same words for a code in every scene
+    assert len({next(iter(p)) for p in people.values()}) > len(people) // 2  # codes name different people

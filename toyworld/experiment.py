@@ -25,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,20 @@ def eval_jobs(scale: Scale, offset: int = 0) -> list[dict]:
                     jobs.append({"concept": concept, "code": 1000 * (c + 1) + code, "scene": scene,
                                  "prompt": world.prompt(concept, scene),
                                  "seed": 1_000_003 * offset + 100_000 * c + 1000 * code + 10 * s + r})
+    return jobs
+
+
+def named_jobs(scale: Scale) -> list[dict]:
+    """`eval_jobs` with each code's person named in full in the prompt: every code index gets a fixed
+    random person of its concept's gender, all seven factors in words ("a photo of a tan woman with
+    long black hair and glasses in a red striped shirt on the beach"). The base model, no mapper,
+    on these prompts is what words alone make of a person: a ceiling for a pseudo-word's consistency."""
+    jobs = eval_jobs(scale)
+    for j in jobs:
+        rng = random.Random(j["code"])
+        names = {f: rng.choice(values) for f, values in world.FACTORS.items()} | {"gender": j["concept"]}
+        person = world.describe(j["concept"], names, rng, named=set(world.FACTORS))
+        j["prompt"] = f"a photo of a {person} {world.SCENE_PHRASES[j['scene']][0]}"
     return jobs
 
 
@@ -507,8 +522,8 @@ class Experiment:
         return {**run_identity(train_args), "base": self.base_config()}
 
     def eval_row(self, model: SDXL, judge: judge_lib.Judge, mapper_path: str | None, figure: str | None = None,
-                 title: str = "", offset: int = 0) -> dict:
-        jobs = eval_jobs(self.scale, offset)
+                 title: str = "", offset: int = 0, jobs: list[dict] | None = None) -> dict:
+        jobs = jobs or eval_jobs(self.scale, offset)
         # A mapper's scores are kept beside it, valid while the mapper, the judge and the sampling
         # settings stay the same: a rerun that adds a row does not redraw the others.
         cache, key = None, None
@@ -685,6 +700,8 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
                  *([("Dataset through the VAE (the best a generated image can look)", f["dataset_vae"])]
                    if f.get("dataset_vae") else []),
                  ("Base model, no code (grouped by index)", f["base"]),
+                 *([("Base model, each code's person named in full (words alone, no code)", f["named"])]
+                   if f.get("named") else []),
                  ("CoCoIns (full)", f["full"])]) + [""]
     if f.get("bleed"):
         b = f["bleed"]
@@ -724,6 +741,7 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
     L += ["", "## Figures", ""]
     for title, name in (("Base model, no code: rows are code indices (random people), columns scenes", "contact_base.png"),
                         ("CoCoIns: rows are codes, columns scenes", "contact_cocoins.png"),
+                        ("Base model, each code's person named in full in the prompt", "contact_named.png"),
                         ("CoCoIns at γ = 1e-4, the default while the text encoders were frozen", "contact_cocoins_gamma_1e-4.png"),
                         ("Loss terms over training (full CoCoIns, seed 0)", "curve_loss.png"),
                         ("Face Sim and Face Div over training (full CoCoIns, seed 0)", "curve_face_sim.png"),
@@ -774,6 +792,9 @@ def main(argv=None) -> None:
     exp.log("evaluating the base model without codes")
     base_rows = [exp.eval_row(model, judge, None, os.path.join(figures, "contact_base.png") if s == 0 else None,
                               "base model, no code", offset=s) for s in range(scale.mapper_seeds)]
+    exp.log("evaluating the base model with each code's person named in full")
+    facts["named"] = exp.eval_row(model, judge, None, os.path.join(figures, "contact_named.png"),
+                                  "base model, the person named in full", jobs=named_jobs(scale))
     full_rows, runs = [], []  # runs: every mapper run the report uses, the full method's seeds first
     for seed in range(scale.mapper_seeds):
         run = exp.train_row(FULL, seed)
