@@ -225,3 +225,5 @@ def test_named_jobs_name_one_person_per_code_in_every_scene():
         people.setdefault(j["code"], set()).add(j["prompt"][: -len(phrase)])
     assert all(len(p) == 1 for p in people.values())  # the same words for a code in every scene
     assert len({next(iter(p)) for p in people.values()}) > len(people) // 2  # codes name different people
+    shirts = experiment.named_jobs(scale, ("shirt",))
+    assert all(re.fullmatch(rf"a photo of a {j['concept']} in an? \w+ shirt .+", j["prompt"]) for j in shirts)
