@@ -71,7 +71,8 @@ class LossConfig:
     mask: str = "subject"
     # How a masked distance averages: "all", over every one of a sample's C·h·w elements, as
     # d(m·x, m·y) reads; "area", over the C·Σm elements the mask covers. The paper does not say;
-    # "all" is its formula taken literally.
+    # "all" is its formula taken literally. Toy world: "area" acted as a weaker γ (a larger distance
+    # in the reciprocal) and lost to "all" at γ = 1e-2 and 1e-3 (toyworld/RESULTS.md).
     mask_reduction: str = "all"
 
 

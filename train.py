@@ -102,7 +102,7 @@ TIME_IDS = ("data", "sampling")
 METHOD_DEFAULTS = {
     "negative": LossConfig.negative, "mask": LossConfig.mask, "mask_reduction": LossConfig.mask_reduction,
     "positive_prompt": StepConfig.positive_prompt, "positive_noise": StepConfig.positive_noise,
-    "time_ids": StepConfig.time_ids, "mapper_norm": MapperConfig.norm,
+    "time_ids": StepConfig.time_ids, "mapper_norm": MapperConfig.norm, "mapper_gain": MapperConfig.gain,
 }
 
 
@@ -151,6 +151,7 @@ def parse_args(argv=None):
     method.add_argument("--positive-noise", choices=TRIPLET_CHOICES, help=f"the positive's noise: the `other` noise ε2, or the anchor's `same` ε1 (Table 5, \"same noise\") (default: {METHOD_DEFAULTS['positive_noise']})")
     method.add_argument("--time-ids", choices=TIME_IDS, help=f"SDXL's size/crop conditioning in training: the image's own from the `data` (original size, crop offset, R, R), or what `sampling` passes (R, R, 0, 0, R, R) (default: {METHOD_DEFAULTS['time_ids']})")
     method.add_argument("--mapper-norm", choices=NORMS, help=f"f's output layer: `layernorm`, w = μ + σ⊙LayerNorm(Wh+b), or `none`, w = μ + σ⊙(Wh+b) (default: {METHOD_DEFAULTS['mapper_norm']})")
+    method.add_argument("--mapper-gain", type=float, help=f"g, the LayerNorm output's spread in units of a real token's: w = μ + g·σ⊙LayerNorm(Wh+b) (default: {METHOD_DEFAULTS['mapper_gain']})")
     # Timesteps t ~ U[t_min, t_max). Below 200 (ᾱ > 0.75) x_t already shows the face: x̂₀ is
     # the image whatever the pseudo-word says, so the positive term is trivially small and
     # 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04), x̂₀ = (x_t −
@@ -189,6 +190,8 @@ def parse_args(argv=None):
     for flag, value in weights.items():
         if not (math.isfinite(value) and value >= 0):  # negative: a term's sign flips, or λ_neg decreases
             raise UserError(f"{flag} {value} must be a finite number >= 0")
+    if args.mapper_gain is not None and not (math.isfinite(args.mapper_gain) and args.mapper_gain > 0):
+        raise UserError(f"--mapper-gain {args.mapper_gain} must be a finite number > 0 (1: a word as loud as a real token)")
     return args
 
 
@@ -468,7 +471,7 @@ def new_mapper(model: SDXL, args) -> Mapper:
     """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
     torch.manual_seed(args.seed)
     config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden, norm=args.mapper_norm,
-                          token_widths=(model.clip_l.config.width, model.clip_g.config.width))
+                          gain=args.mapper_gain, token_widths=(model.clip_l.config.width, model.clip_g.config.width))
     tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
     return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
 
@@ -592,7 +595,7 @@ def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]
     saved = MapperConfig(**{**fields, "token_widths": tuple(fields["token_widths"])})
     if saved != f.config:
         raise UserError(f"--resume: the run in {args.out} trains a mapper with --z-dim {saved.z_dim} --depth "
-                        f"{saved.depth} --hidden {saved.hidden} --mapper-norm {saved.norm} on encoders of widths "
+                        f"{saved.depth} --hidden {saved.hidden} --mapper-norm {saved.norm} --mapper-gain {saved.gain} on encoders of widths "
                         f"{saved.token_widths}; pass the same, or start a new run with another --out")
     f.load_state_dict(state["mapper"])
     optimizer.load_state_dict(state["optimizer"])

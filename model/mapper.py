@@ -10,8 +10,7 @@ same `w`, so the same person, in any prompt.
 Symbols (the paper's):
     z        latent code (B, c)
     w        pseudo-word (B, D), one per text encoder
-    e        token embeddings of a prompt, after the dictionary lookup and before positional
-             embeddings and the transformer (B, L=77, D)
+    e        token embeddings of a prompt, before positions and the transformer (B, L=77, D)
     i        index of the concept token in e (the pseudo-word is inserted there)
     ê        e with w inserted (eq. 4)
 
@@ -49,10 +48,11 @@ class MapperConfig:
     token_widths: tuple[int, ...] = (768, 1280)
     # Hidden nonlinearity: "leaky_relu" (slope 0.2) as in StyleGAN's mapping network, or "gelu".
     activation: str = "leaky_relu"
-    # The output layer: "layernorm", w = μ + σ⊙LayerNorm(Wh+b) (see PseudoWordHead), or "none",
-    # w = μ + σ⊙(Wh+b), the paper's plain MLP. Toy world: a tie on Face Sim/Div over 3 seeds, the LayerNorm
-    # keeps codes' words apart and the prompt's gender (toyworld/RESULTS.md). Old files: LayerNorm.
+    # The output layer: "layernorm", w = μ + g·σ⊙LayerNorm(Wh+b) (PseudoWordHead), or "none", w = μ + σ⊙(Wh+b),
+    # the paper's plain MLP, whose words grew 100x a real token's spread in the toy world: more consistent, but
+    # they drowned scene and gender. g: the word's loudness in real tokens' spreads (toyworld/RESULTS.md).
     norm: str = "layernorm"
+    gain: float = 1.0
 
 
 NORMS = ("layernorm", "none")
@@ -91,14 +91,14 @@ def embedding_stats(table: Tensor) -> tuple[Tensor, Tensor]:
 class PseudoWordHead(nn.Module):
     """Last layer of f for one text encoder: hidden features -> a pseudo-word shaped like a real token.
 
-    `token_mean` and `token_std` are that encoder's token-table statistics, kept as buffers so a
-    saved mapper carries them (they never train). `norm` is MapperConfig.norm."""
+    `token_mean`, `token_std`: that encoder's token-table statistics, buffers a saved mapper carries
+    (they never train). `norm`, `gain`: MapperConfig's."""
 
-    def __init__(self, hidden: int, token_mean: Tensor, token_std: Tensor, norm: str = "layernorm"):
+    def __init__(self, hidden: int, token_mean: Tensor, token_std: Tensor, norm: str = "layernorm", gain: float = 1.0):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"mapper norm must be one of {NORMS}, got {norm!r}")
-        self.norm = norm
+        if norm not in NORMS or not gain > 0:
+            raise ValueError(f"mapper norm must be one of {NORMS} and gain > 0, got {norm!r}, {gain!r}")
+        self.norm, self.gain = norm, gain
         self.proj = nn.Linear(hidden, token_mean.numel())
         self.register_buffer("token_mean", token_mean.detach().clone().float())
         self.register_buffer("token_std", token_std.detach().clone().float())
@@ -106,11 +106,11 @@ class PseudoWordHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         u = self.proj(h).float()
         if self.norm == "layernorm":
-            # w = μ + σ ⊙ LayerNorm(W·h + b)   (μ, σ: per-dimension mean and std of the token table)
+            # w = μ + g·σ ⊙ LayerNorm(W·h + b)   (μ, σ: per-dimension mean and std of the token table)
             # The normalisation pins (w − μ)/σ to unit mean square, so an untrained or early f gives a
             # vector with the spread of real tokens: it never blows up the prompt, and every code
             # still gives a different word (the paper notes f otherwise tends to ignore its input).
-            u = F.layer_norm(u, (self.token_mean.numel(),))
+            u = self.gain * F.layer_norm(u, (self.token_mean.numel(),))
         # w = μ + σ ⊙ u   (norm "none": u = W·h + b, the paper's plain MLP output)
         return self.token_mean + self.token_std * u
 
@@ -130,7 +130,7 @@ class Mapper(nn.Module):
         self.act = ACTIVATIONS[config.activation]
         ins = [config.z_dim] + [config.hidden] * (config.depth - 1)
         self.layers = nn.ModuleList(nn.Linear(n_in, config.hidden) for n_in in ins[:-1])
-        self.heads = nn.ModuleList(PseudoWordHead(ins[-1], mean, std, config.norm) for mean, std in token_stats)
+        self.heads = nn.ModuleList(PseudoWordHead(ins[-1], mean, std, config.norm, config.gain) for mean, std in token_stats)
         for layer in [*self.layers, *(head.proj for head in self.heads)]:
             # He init for the leaky ReLU keeps the activations O(1) through the depth (PyTorch's
             # default shrinks them about 3x per layer); biases start at zero.

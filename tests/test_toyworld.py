@@ -227,3 +227,22 @@ def test_named_jobs_name_one_person_per_code_in_every_scene():
     assert len({next(iter(p)) for p in people.values()}) > len(people) // 2  # codes name different people
     shirts = experiment.named_jobs(scale, ("shirt",))
     assert all(re.fullmatch(rf"a photo of a {j['concept']} in an? \w+ shirt .+", j["prompt"]) for j in shirts)
+
+
+def test_a_run_recorded_before_a_flag_existed_is_found_under_that_flags_first_default(tmp_path):
+    smoke = experiment.SCALES["smoke"]
+    exp = experiment.Experiment(smoke, str(tmp_path / "w"), str(tmp_path / "f"), log=lambda *a: None)
+    row = experiment.Row("r", ())
+    run = tmp_path / "w" / "runs" / "old-run"
+    run.mkdir(parents=True)
+    # What train_row would run for this row, recorded by an older train.py without --mapper-gain.
+    args = ["--data", exp.data, "--weights", exp.weights, "--out", "x", "--steps", str(smoke.mapper_steps),
+            "--batch-size", str(smoke.mapper_batch), "--lr", str(smoke.mapper_lr), "--resolution", str(world.SIZE),
+            "--sample-every", "0", "--device", "cpu", "--seed", "0"]
+    old = exp.run_identity(args)
+    for flag in experiment.BEFORE_FLAG:
+        old.pop(flag)
+    (run / "done.json").write_text(json.dumps({"identity": old}))
+    assert exp.train_row(row, 0) == str(run)  # found, not retrained
+    # ... while a run with another value of the new flag is another run.
+    assert exp.run_identity(args + ["--mapper-gain", "3"]) != {**experiment.BEFORE_FLAG, **old}

@@ -663,7 +663,7 @@ def test_captions_whose_concept_would_be_truncated_away_are_refused():
 # -- the method's choices and the paper's ablations, as flags --------------------------------
 
 ABLATIONS = ("--negative", "subtract", "--mask", "none", "--mask-reduction", "area", "--positive-prompt", "same",
-             "--positive-noise", "same", "--time-ids", "sampling", "--mapper-norm", "none")
+             "--positive-noise", "same", "--time-ids", "sampling", "--mapper-norm", "none", "--mapper-gain", "2.5")
 
 
 def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, monkeypatch):
@@ -678,6 +678,7 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     train.main(argv(tiny, out, *ABLATIONS, steps=1))
     norm, loss_config, step_config = seen[0]
     assert norm == "none" and load_mapper(str(out / "mapper.safetensors")).config.norm == "none"
+    assert load_mapper(str(out / "mapper.safetensors")).config.gain == 2.5
     assert (loss_config.negative, loss_config.mask, loss_config.mask_reduction) == ("subtract", "none", "area")
     assert step_config == train.StepConfig(positive_prompt="same", positive_noise="same", time_ids="sampling")
     (row,) = read_log(out)
@@ -687,7 +688,7 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     saved = torch.load(out / "state.pt", weights_only=True)["args"]
     assert {k: saved[k] for k in train.METHOD_DEFAULTS} == dict(
         negative="subtract", mask="none", mask_reduction="area", positive_prompt="same", positive_noise="same",
-        time_ids="sampling", mapper_norm="none")
+        time_ids="sampling", mapper_norm="none", mapper_gain=2.5)
 
     # --resume without the flags continues the run's own method ...
     seen.clear()
@@ -704,17 +705,20 @@ def test_a_new_run_takes_the_papers_choices_by_default(tiny, tmp_path):
     train.keep_method(args, None)
     assert {k: getattr(args, k) for k in train.METHOD_DEFAULTS} == dict(
         negative="reciprocal", mask="subject", mask_reduction="all", positive_prompt="other", positive_noise="other",
-        time_ids="data", mapper_norm="layernorm")
+        time_ids="data", mapper_norm="layernorm", mapper_gain=1.0)
     # a run saved before these flags existed resumes with what it was trained with: the defaults
     args = train.parse_args(argv(tiny, tmp_path / "run", "--resume"))
     train.keep_method(args, {"lr": 1e-4})
-    assert args.negative == "reciprocal" and args.mapper_norm == "layernorm"
+    assert args.negative == "reciprocal" and args.mapper_norm == "layernorm" and args.mapper_gain == 1.0
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(UserError, match="--mapper-gain .* must be a finite number > 0"):
+            train.parse_args(argv(tiny, tmp_path / "run", "--mapper-gain", bad))
 
 
-def tiny_mapper(norm):
+def tiny_mapper(norm, gain=1.0):
     torch.manual_seed(0)
     stats = [(torch.randn(6), torch.rand(6) + 0.5), (torch.randn(10), torch.rand(10) + 0.5)]
-    return Mapper(MapperConfig(z_dim=8, depth=2, hidden=16, token_widths=(6, 10), norm=norm), stats)
+    return Mapper(MapperConfig(z_dim=8, depth=2, hidden=16, token_widths=(6, 10), norm=norm, gain=gain), stats)
 
 
 def test_mapper_norm_none_is_the_plain_linear_output_and_layernorm_normalises_it():
@@ -731,6 +735,21 @@ def test_mapper_norm_none_is_the_plain_linear_output_and_layernorm_normalises_it
     assert not torch.allclose(tiny_mapper("none")(z)[0], tiny_mapper("layernorm")(z)[0])
 
 
+def test_mapper_gain_scales_the_normalised_word_around_the_token_mean():
+    # w = μ + g·σ⊙LayerNorm(Wh+b): the standardised word (w − μ)/σ has RMS g (1: a real token's spread)
+    z = torch.randn(3, 8)
+    for g in (1.0, 4.0):
+        f = tiny_mapper("layernorm", gain=g)
+        for head, w in zip(f.heads, f(z)):
+            rms = ((w - head.token_mean) / head.token_std).pow(2).mean(-1).sqrt()
+            assert torch.allclose(rms, torch.full_like(rms, g), rtol=1e-3)
+    one, four = tiny_mapper("layernorm", 1.0), tiny_mapper("layernorm", 4.0)
+    for h1, w1, w4 in zip(one.heads, one(z), four(z)):
+        torch.testing.assert_close(w4 - h1.token_mean, 4 * (w1 - h1.token_mean), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gain > 0"):
+        tiny_mapper("layernorm", gain=0.0)
+
+
 def test_a_saved_mapper_keeps_its_norm_and_one_saved_before_the_field_loads_as_layernorm(tmp_path):
     from safetensors.torch import save_file
 
@@ -740,12 +759,12 @@ def test_a_saved_mapper_keeps_its_norm_and_one_saved_before_the_field_loads_as_l
     save_mapper(str(tmp_path / "none.safetensors"), f)
     assert load_mapper(str(tmp_path / "none.safetensors")).config.norm == "none"
     old = tiny_mapper("layernorm")
-    fields = {k: v for k, v in vars(old.config).items() if k != "norm"}  # the metadata as older versions wrote it
+    fields = {k: v for k, v in vars(old.config).items() if k not in ("norm", "gain")}  # as older versions wrote it
     save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "old.safetensors"),
               metadata={"format": "cocoins-mapper", "mapper_config": json.dumps(fields)})
     loaded = load_mapper(str(tmp_path / "old.safetensors"))
     z = torch.randn(2, 8)
-    assert loaded.config.norm == "layernorm" and torch.equal(loaded(z)[1], old(z)[1])
+    assert loaded.config.norm == "layernorm" and loaded.config.gain == 1.0 and torch.equal(loaded(z)[1], old(z)[1])
 
 
 def test_init_mapper_starts_from_the_given_weights_as_the_first_steps_loss_shows(tiny, tmp_path, monkeypatch):

@@ -77,8 +77,8 @@ ROWS = [
     Row("γ = 1e-4 (/ 100, the default with frozen text encoders)", ("--gamma", "0.0001"), "choices",
         figure="contact_cocoins_gamma_1e-4.png", seeds=3),
     Row("γ = 1e-5 (/ 1000)", ("--gamma", "0.00001"), "choices"),
-    # Area normalisation divides d_m by the mask's share (here about 0.4): a ~2.5x stronger reciprocal
-    # term at the same γ. At the default γ, and at 1e-3 beside the plain mean at 1e-3.
+    # Area normalisation divides d_m by the mask's share (here about 0.4): a larger distance, so a
+    # ~2.5x weaker reciprocal term at the same γ. At the default γ, and at 1e-3 beside that row.
     Row("Masked distance normalised by area", ("--mask-reduction", "area"), "choices"),
     Row("Masked distance normalised by area, γ = 1e-3", ("--mask-reduction", "area", "--gamma", "0.001"), "choices"),
     # Training's timesteps reach the noisiest levels, where sampling decides the scene and the layout.
@@ -90,6 +90,9 @@ ROWS = [
     Row("Mapper without output LayerNorm", ("--mapper-norm", "none"), "choices", seeds=3),
     # The plain MLP's words grow as loud as the negative term asks: the same at a tenth of the γ.
     Row("Mapper without output LayerNorm, γ = 1e-3", ("--mapper-norm", "none", "--gamma", "0.001"), "choices"),
+    # Between a real token's spread (gain 1) and the plain MLP's words (~100x): how loud may a word be?
+    Row("Mapper output gain 3 (a word 3x a real token's spread)", ("--mapper-gain", "3"), "choices"),
+    Row("Mapper output gain 10", ("--mapper-gain", "10"), "choices"),
     # Table 3: the consistency loss
     Row("Pos", ("--gamma", "0"), "table3", (0.394, 0.500)),
     Row("Pos + Neg (constant weight)", ("--beta", "0"), "table3", (0.492, 0.750)),
@@ -512,7 +515,7 @@ class Experiment:
         # A finished run with the same resolved settings (under any row name) is this row's run.
         for other in sorted(glob.glob(os.path.join(self.work, "runs", "*", "done.json"))):
             with open(other) as f:
-                if json.load(f).get("identity") == identity:
+                if {**BEFORE_FLAG, **json.load(f).get("identity", {})} == identity:
                     return os.path.dirname(other)
         if os.path.isfile(done):
             shutil.rmtree(run)
@@ -583,6 +586,11 @@ class Experiment:
             m = self.eval_row(model, judge, os.path.join(folder, name))
             points.append({"step": step, **m})
         return points
+
+
+# train.py flags added after runs were recorded, with the value those runs computed with (a flag's
+# first default reproduces what train.py did before it existed).
+BEFORE_FLAG = {"mapper_gain": 1.0}
 
 
 def run_identity(train_args: list[str]) -> dict:
