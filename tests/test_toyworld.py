@@ -246,3 +246,20 @@ def test_a_run_recorded_before_a_flag_existed_is_found_under_that_flags_first_de
     assert exp.train_row(row, 0) == str(run)  # found, not retrained
     # ... while a run with another value of the new flag is another run.
     assert exp.run_identity(args + ["--mapper-gain", "3"]) != {**experiment.BEFORE_FLAG, **old}
+
+
+def test_pseudo_word_stats_read_collapse_and_loudness():
+    from model.mapper import Mapper, MapperConfig
+
+    torch.manual_seed(0)
+    stats = [(torch.randn(6), torch.rand(6) + 0.5), (torch.randn(10), torch.rand(10) + 0.5)]
+    codes = [1, 2, 3, 4]
+    for gain in (1.0, 3.0):
+        f = Mapper(MapperConfig(z_dim=8, depth=2, hidden=16, token_widths=(6, 10), gain=gain), stats)
+        s = experiment.pseudo_word_stats(f, codes)
+        assert s["w_rms"] == pytest.approx(gain, rel=1e-3) and s["w_cos"] < 0.9
+        # A mapper that ignores z (its first layer's weight zeroed, only its bias left) gives every
+        # code one word: cosine 1.
+        torch.nn.init.zeros_(f.layers[0].weight)
+        torch.nn.init.normal_(f.layers[0].bias)
+        assert experiment.pseudo_word_stats(f, codes)["w_cos"] == pytest.approx(1.0, abs=1e-5)

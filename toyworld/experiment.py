@@ -246,15 +246,17 @@ def score_generated(images: torch.Tensor, jobs: list[dict], judge: judge_lib.Jud
 
 
 @torch.no_grad()
-def pseudo_word_similarity(mapper, codes: list[int]) -> float:
-    """Mean cosine between the (standardised) CLIP-L pseudo-words of different codes: near 1 means
-    the mapper has collapsed every code onto one word, near 0 that codes give unrelated words."""
+def pseudo_word_stats(mapper, codes: list[int]) -> dict:
+    """The codes' CLIP-L pseudo-words, standardised u = (w − μ)/σ by the token table's statistics:
+    w_cos, the mean cosine between different codes' u (near 1: the mapper has collapsed every code
+    onto one word, near 0: unrelated words); w_rms, the mean root mean square of u (1: a real
+    token's spread, what the output LayerNorm pins it to; a plain MLP's words may grow far louder)."""
     w_l = mapper(torch.stack([code_to_z(c, mapper.config.z_dim) for c in codes]))[0]
     head = mapper.heads[0]
-    u = torch.nn.functional.normalize((w_l - head.token_mean) / head.token_std, dim=1)
-    cos = u @ u.T
+    u = (w_l - head.token_mean) / head.token_std
+    unit = torch.nn.functional.normalize(u, dim=1)
     i, j = torch.triu_indices(len(codes), len(codes), offset=1)
-    return cos[i, j].mean().item()
+    return {"w_cos": (unit @ unit.T)[i, j].mean().item(), "w_rms": u.pow(2).mean(dim=1).sqrt().mean().item()}
 
 
 @torch.no_grad()
@@ -291,15 +293,6 @@ def context_bleed(model: SDXL, mapper, codes: list[int], scenes=world.SCENES) ->
         if len(after_other) == len(after):  # the same positions hold the other scene's words
             scene.append(rel(c_other, c, after, 0))
     return {"real_word": float(np.mean(real)), "pseudo_word": float(np.mean(pseudo)), "other_scene": float(np.mean(scene))}
-
-
-@torch.no_grad()
-def pseudo_word_loudness(mapper, codes: list[int]) -> float:
-    """RMS of the standardised CLIP-L pseudo-words (w − μ)/σ, mean over codes: 1 is a real token's
-    spread (what the output LayerNorm pins it to); a plain MLP's words may grow far louder."""
-    w_l = mapper(torch.stack([code_to_z(c, mapper.config.z_dim) for c in codes]))[0]
-    head = mapper.heads[0]
-    return ((w_l - head.token_mean) / head.token_std).pow(2).mean(dim=1).sqrt().mean().item()
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -456,15 +449,15 @@ class Experiment:
             out.append(torch.from_numpy(model.decode(z * base.SCALING_FACTOR)).permute(0, 3, 1, 2))
         return torch.cat(out)
 
-    def dataset_row(self, judge: judge_lib.Judge, model: SDXL | None = None) -> dict:
-        """The dataset's own scores; with `model`, of its images after the VAE's round trip (the
-        best a generated image of the toy SDXL can look, read by the same judge)."""
+    def dataset_rows(self, judge: judge_lib.Judge, model: SDXL) -> tuple[dict, dict]:
+        """The dataset's own scores, of its images as they are and after `model`'s VAE round trip (the
+        best a generated image of the toy SDXL can look), read by the same judge."""
         images, names, truth = base.load_world(self.data)
-        reading = judge.read(self.round_trip(model, images) if model is not None else images)
         by_person: dict[int, list[int]] = {}
         for i, t in enumerate(truth):
             by_person.setdefault(t["identity"], []).append(i)
-        return score(reading, list(by_person.values()), [world.SCENES.index(t["scene"]) for t in truth])
+        scenes = [world.SCENES.index(t["scene"]) for t in truth]
+        return tuple(score(judge.read(x), list(by_person.values()), scenes) for x in (images, self.round_trip(model, images)))
 
     def base_quality(self, model: SDXL, judge: judge_lib.Judge) -> dict:
         """Does a named attribute appear? One prompt per (factor, value, concept, seed), read by the judge."""
@@ -572,8 +565,7 @@ class Experiment:
                     json.dump({"key": key, "metrics": metrics}, f)
                 os.replace(cache + ".tmp", cache)
         if mapper is not None:  # the words themselves: cheap, so never cached
-            codes = sorted({j["code"] for j in jobs})
-            metrics = {**metrics, "w_cos": pseudo_word_similarity(mapper, codes), "w_rms": pseudo_word_loudness(mapper, codes)}
+            metrics = {**metrics, **pseudo_word_stats(mapper, sorted({j["code"] for j in jobs}))}
         return metrics
 
     def curve(self, model: SDXL, judge: judge_lib.Judge, run: str) -> list[dict]:
@@ -817,8 +809,7 @@ def main(argv=None) -> None:
 
     train_side_by_side([(FULL, seed) for seed in range(scale.mapper_seeds)])
     judge, facts["judge"] = exp.make_judge(model)
-    facts["dataset"] = exp.dataset_row(judge)
-    facts["dataset_vae"] = exp.dataset_row(judge, model)
+    facts["dataset"], facts["dataset_vae"] = exp.dataset_rows(judge, model)
     facts["quality"] = exp.base_quality(model, judge)
     exp.log("evaluating the base model without codes")
     base_rows = [exp.eval_row(model, judge, None, os.path.join(figures, "contact_base.png") if s == 0 else None,
