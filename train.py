@@ -192,6 +192,9 @@ def parse_args(argv=None):
             raise UserError(f"{flag} {value} must be a finite number >= 0")
     if args.mapper_gain is not None and not (math.isfinite(args.mapper_gain) and args.mapper_gain > 0):
         raise UserError(f"--mapper-gain {args.mapper_gain} must be a finite number > 0 (1: a word as loud as a real token)")
+    if args.mapper_norm == "none" and args.mapper_gain not in (None, 1.0):
+        raise UserError(f"--mapper-gain {args.mapper_gain} scales the output LayerNorm, which --mapper-norm none removes; "
+                        "drop one of the two")
     return args
 
 

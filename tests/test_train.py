@@ -663,7 +663,7 @@ def test_captions_whose_concept_would_be_truncated_away_are_refused():
 # -- the method's choices and the paper's ablations, as flags --------------------------------
 
 ABLATIONS = ("--negative", "subtract", "--mask", "none", "--mask-reduction", "area", "--positive-prompt", "same",
-             "--positive-noise", "same", "--time-ids", "sampling", "--mapper-norm", "none", "--mapper-gain", "2.5")
+             "--positive-noise", "same", "--time-ids", "sampling", "--mapper-norm", "none")
 
 
 def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, monkeypatch):
@@ -678,7 +678,6 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     train.main(argv(tiny, out, *ABLATIONS, steps=1))
     norm, loss_config, step_config = seen[0]
     assert norm == "none" and load_mapper(str(out / "mapper.safetensors")).config.norm == "none"
-    assert load_mapper(str(out / "mapper.safetensors")).config.gain == 2.5
     assert (loss_config.negative, loss_config.mask, loss_config.mask_reduction) == ("subtract", "none", "area")
     assert step_config == train.StepConfig(positive_prompt="same", positive_noise="same", time_ids="sampling")
     (row,) = read_log(out)
@@ -688,7 +687,7 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     saved = torch.load(out / "state.pt", weights_only=True)["args"]
     assert {k: saved[k] for k in train.METHOD_DEFAULTS} == dict(
         negative="subtract", mask="none", mask_reduction="area", positive_prompt="same", positive_noise="same",
-        time_ids="sampling", mapper_norm="none", mapper_gain=2.5)
+        time_ids="sampling", mapper_norm="none", mapper_gain=1.0)
 
     # --resume without the flags continues the run's own method ...
     seen.clear()
@@ -698,6 +697,17 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     with pytest.raises(UserError, match=r"trained with --negative subtract; a resumed run keeps its method, "
                                         r"so drop --negative reciprocal"):
         train.main(argv(tiny, out, "--resume", "--negative", "reciprocal", steps=3))
+
+
+def test_mapper_gain_reaches_the_mapper_file_and_a_resume_keeps_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--mapper-gain", "2.5", steps=1))
+    assert load_mapper(str(out / "mapper.safetensors")).config.gain == 2.5
+    assert torch.load(out / "state.pt", weights_only=True)["args"]["mapper_gain"] == 2.5
+    train.main(argv(tiny, out, "--resume", steps=2))
+    assert load_mapper(str(out / "mapper.safetensors")).config.gain == 2.5
+    with pytest.raises(UserError, match=r"trained with --mapper-gain 2.5; a resumed run keeps its method"):
+        train.main(argv(tiny, out, "--resume", "--mapper-gain", "1", steps=3))
 
 
 def test_a_new_run_takes_the_papers_choices_by_default(tiny, tmp_path):
@@ -713,6 +723,8 @@ def test_a_new_run_takes_the_papers_choices_by_default(tiny, tmp_path):
     for bad in ("0", "-1", "nan"):
         with pytest.raises(UserError, match="--mapper-gain .* must be a finite number > 0"):
             train.parse_args(argv(tiny, tmp_path / "run", "--mapper-gain", bad))
+    with pytest.raises(UserError, match="--mapper-gain 3.0 scales the output LayerNorm, which --mapper-norm none removes"):
+        train.parse_args(argv(tiny, tmp_path / "run", "--mapper-norm", "none", "--mapper-gain", "3"))
 
 
 def tiny_mapper(norm, gain=1.0):
