@@ -74,6 +74,10 @@ class LossConfig:
     # "all" is its formula taken literally. Toy world: "area" acted as a weaker γ (a larger distance
     # in the reciprocal) and lost to "all" at γ = 1e-2 and 1e-3 (toyworld/RESULTS.md).
     mask_reduction: str = "all"
+    # λ_spread, the weight of `word_spread` (not in the paper; 0 = off). In the toy world every trained
+    # mapper's words varied in only ~2 directions (from ~35 untrained), whatever γ, norm or schedule;
+    # λ_spread = 10 spread them over ~5, with no gain in consistency (toyworld/RESULTS.md, point 5).
+    lambda_spread: float = 0.0
 
 
 # -- distances -----------------------------------------------------------------------------------
@@ -162,6 +166,21 @@ def background_loss(x_anchor, x_pos, x_neg, x1, x2, m_bg, dist: str = "l2", redu
     return d.mean()
 
 
+# -- the spread of the codes' words (not in the paper) ---------------------------------------------
+
+
+def word_spread(u: Tensor) -> Tensor:
+    """1 / the effective number of directions a batch of pseudo-words (n, D) varies in: ‖G‖²_F / tr(G)²,
+    G the Gram matrix of the words centred over the batch. 1 when every code's word moves along one
+    line (or are all one word), 1/(n−1) when the n words spread evenly; scale-free, so it never asks for
+    louder words."""
+    r = u.float() - u.float().mean(dim=0)
+    g = r @ r.T
+    trace = g.diagonal().sum()
+    # n identical words vary in no direction: 1, the term's maximum (never 0, which would reward collapse).
+    return torch.where(trace > 0, g.pow(2).sum() / trace.clamp_min(1e-30).pow(2), torch.ones_like(trace))
+
+
 # -- the whole objective -------------------------------------------------------------------------
 
 
@@ -176,10 +195,13 @@ class LossTerms:
     d_neg: Tensor  # mean d_m(x̂*, x̂-): rises as different codes give different people
     l_back: Tensor  # L_back
     lambda_neg: float  # λ_neg at this step
+    l_spread: Tensor  # word_spread of the step's words, averaged over the encoders (0 without words)
 
 
-def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int, config: LossConfig = LossConfig()) -> LossTerms:
-    """L (eq. 9) for one batch of x̂₀ estimates at training step `step` of `total_steps`."""
+def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int, config: LossConfig = LossConfig(),
+                 words: tuple[Tensor, ...] = ()) -> LossTerms:
+    """L (eq. 9) for one batch of x̂₀ estimates at training step `step` of `total_steps`; `words`, the
+    step's pseudo-words standardised by each encoder's token statistics, for λ_spread·word_spread."""
     lam = lambda_neg(step, total_steps, config.gamma, config.beta)
     if config.mask == "none":
         m = torch.ones_like(m)  # Table 4 "without mask": L_con compares whole images, and m̃ = 0
@@ -191,6 +213,12 @@ def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int,
     l_con = l_pos + lam * l_neg
     # m̃ = 1 − m: the background is everything the subject mask does not cover.
     l_back = background_loss(x_anchor, x_pos, x_neg, x1, x2, 1.0 - m.float(), config.distance, config.mask_reduction)
-    # L = λ_con·L_con + λ_back·L_back
+    # L = λ_con·L_con + λ_back·L_back  (+ λ_spread·L_spread, off by default)
     total = config.lambda_con * l_con + config.lambda_back * l_back
-    return LossTerms(total=total, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg, l_back=l_back, lambda_neg=lam)
+    l_spread = sum(word_spread(u) for u in words) / len(words) if words else torch.zeros_like(l_pos)
+    if config.lambda_spread:
+        if not words:
+            raise ValueError("lambda_spread needs the step's words")
+        total = total + config.lambda_spread * l_spread
+    return LossTerms(total=total, l_con=l_con, l_pos=l_pos, l_neg=l_neg, d_neg=d_neg, l_back=l_back, lambda_neg=lam,
+                     l_spread=l_spread)

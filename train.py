@@ -140,6 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=loss_defaults.beta, help="β, the shape of the λ_neg ramp (1 = linear)")
     p.add_argument("--lambda-con", type=float, default=loss_defaults.lambda_con, help="λ_con, the weight of the contrastive loss")
     p.add_argument("--lambda-back", type=float, default=loss_defaults.lambda_back, help="λ_back, the weight of the background loss")
+    p.add_argument("--lambda-spread", type=float, default=loss_defaults.lambda_spread, help="λ_spread, the weight of a term that spreads the codes' words over more directions (not in the paper; 0 = off; the toy world found no gain)")
     p.add_argument("--distance", default=loss_defaults.distance, choices=list(DISTANCES), help="distance d between x̂₀ estimates")
     # The method's open choices and the paper's ablations (Tables 3-5). Their default is None so
     # that --resume, which keeps a run's method, can tell "not given" from "given".
@@ -186,7 +187,7 @@ def parse_args(argv=None):
     if args.sample_every < 0 or args.num_workers < 0 or args.seed < 0 or args.weight_decay < 0:
         raise UserError("--sample-every, --num-workers, --seed and --weight-decay must not be negative")
     weights = {"--gamma": args.gamma, "--beta": args.beta, "--lambda-con": args.lambda_con,
-               "--lambda-back": args.lambda_back}
+               "--lambda-back": args.lambda_back, "--lambda-spread": args.lambda_spread}
     for flag, value in weights.items():
         if not (math.isfinite(value) and value >= 0):  # negative: a term's sign flips, or λ_neg decreases
             raise UserError(f"{flag} {value} must be a finite number >= 0")
@@ -297,7 +298,10 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
         x1, x2 = predict_x0(model, torch.cat([x_t1, x_t2]), t.repeat(2), alpha_bar_t.repeat(2),
                             context0, pooled0, time_ids.repeat(2, 1)).chunk(2)
 
-    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config)
+    # The step's words in units of each encoder's token spread, for L_spread (and its log line).
+    heads = getattr(f, "module", f).heads  # f itself, or f inside DDP
+    words = tuple((w - h.token_mean) / h.token_std for w, h in zip((w_l, w_g), heads))
+    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config, words)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +352,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
                              lambda_back=args.lambda_back, negative=args.negative, mask=args.mask,
-                             mask_reduction=args.mask_reduction)
+                             mask_reduction=args.mask_reduction, lambda_spread=args.lambda_spread)
     step_config = StepConfig(positive_prompt=args.positive_prompt, positive_noise=args.positive_noise,
                              time_ids=args.time_ids)
     step, epoch, position, last_checkpoint = 0, 0, 0, None
@@ -501,11 +505,11 @@ def step_numbers(terms: LossTerms, f: Mapper, world: int) -> dict[str, float]:
     # ‖∇f‖, for the log and as a finiteness check of every gradient (nothing is clipped).
     grad_norm = torch.nn.utils.clip_grad_norm_(f.parameters(), float("inf"))
     values = torch.stack([terms.total, terms.l_con, terms.l_pos, terms.l_neg, terms.d_neg, terms.l_back,
-                          grad_norm]).detach().float()
+                          terms.l_spread, grad_norm]).detach().float()
     if world > 1:
         dist.all_reduce(values)  # every rank logs, and stops on, the same numbers
         values /= world
-    return dict(zip(("loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "grad_norm"), values.tolist()))
+    return dict(zip(("loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "l_spread", "grad_norm"), values.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,8 +696,8 @@ class Log:
             return
         n = numbers
         self.file.write(json.dumps(dict(step=step, loss=n["loss"], l_con=n["l_con"], l_pos=n["l_pos"], l_neg=n["l_neg"],
-                                        d_neg=n["d_neg"], l_back=n["l_back"], lambda_neg=lambda_neg,
-                                        grad_norm=n["grad_norm"])) + "\n")
+                                        d_neg=n["d_neg"], l_back=n["l_back"], l_spread=n["l_spread"],
+                                        lambda_neg=lambda_neg, grad_norm=n["grad_norm"])) + "\n")
         self.file.flush()
         self.progress.set_postfix_str(f"loss {n['loss']:.4g} con {n['l_con']:.4g} pos {n['l_pos']:.4g} "
                                       f"1/neg {n['l_neg']:.4g} d_neg {n['d_neg']:.4g} back {n['l_back']:.4g} "

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import LossConfig, background_loss, cocoins_loss, distance, lambda_neg, masked_distance
+from losses import LossConfig, background_loss, cocoins_loss, distance, lambda_neg, masked_distance, word_spread
 from model.errors import UserError
 
 
@@ -232,3 +232,31 @@ def test_unknown_loss_choices_are_user_errors(field, value):
     xs = [torch.randn(1, 4, 2, 2) for _ in range(5)]
     with pytest.raises(UserError, match=value):
         cocoins_loss(*xs, torch.ones(1, 1, 2, 2), 1, 2, LossConfig(**{field: value}))
+
+
+def test_word_spread_is_one_over_the_number_of_directions_the_words_vary_in():
+    # n words at the corners of a simplex (orthonormal, then centred) vary evenly in n − 1 directions.
+    assert word_spread(torch.eye(5, 8)).item() == pytest.approx(1 / 4)
+    # Scale-free: louder words spread no further.
+    assert word_spread(100 * torch.eye(5, 8) + 3).item() == pytest.approx(1 / 4)
+    # Words on one line, at any distances along it: one direction.
+    line = torch.tensor([[0.0], [1.0], [5.0], [-2.0]]) * torch.randn(1, 8)
+    assert word_spread(line).item() == pytest.approx(1.0)
+    # Two orthogonal directions with equal spread: 1/2 (words ±a, ±b).
+    a, b = torch.eye(8)[0], torch.eye(8)[1]
+    assert word_spread(torch.stack([a, -a, b, -b])).item() == pytest.approx(0.5)
+    # Every code the same word is the worst case, not a free zero.
+    assert word_spread(torch.ones(4, 8)).item() == 1.0
+
+
+def test_lambda_spread_adds_its_weighted_term_and_needs_the_words():
+    m = torch.ones(1, 1, 1, 2)
+    x = [img(0.0, 0.0), img(1.0, 3.0), img(2.0, 5.0), img(7.0, 1.0), img(9.0, 2.0)]
+    words = (torch.eye(5, 8), torch.stack([torch.eye(8)[0], -torch.eye(8)[0], torch.eye(8)[1], -torch.eye(8)[1], torch.zeros(8)]))
+    off = cocoins_loss(*x, m, step=5, total_steps=10, config=LossConfig(), words=words)
+    on = cocoins_loss(*x, m, step=5, total_steps=10, config=LossConfig(lambda_spread=3.0), words=words)
+    # the two encoders' spreads, 1/4 and (±a, ±b, 0: two directions, equal spread) 1/2, averaged
+    assert on.l_spread.item() == pytest.approx((1 / 4 + 1 / 2) / 2) == off.l_spread.item()
+    assert on.total.item() == pytest.approx(off.total.item() + 3.0 * 0.375)
+    with pytest.raises(ValueError):
+        cocoins_loss(*x, m, step=5, total_steps=10, config=LossConfig(lambda_spread=1.0))

@@ -37,7 +37,7 @@ from tests.tiny_sdxl import save_tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
-LOG_KEYS = {"step", "loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "lambda_neg", "grad_norm"}
+LOG_KEYS = {"step", "loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "l_spread", "lambda_neg", "grad_norm"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,16 @@ def test_train_py_logs_every_loss_term_of_every_step(trained):
         assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
         assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"], rel=1e-5)
     assert "6 images" in trained.stderr  # the data summary line
+
+
+def test_lambda_spread_reaches_the_loss_of_a_run_and_its_log(tiny, tmp_path):
+    # The spread of the step's real pseudo-words (both encoders'), weighted into the loss; off by
+    # default, where the log still reports it (the fixture run's `set(row) == LOG_KEYS` above).
+    train.main(argv(tiny, tmp_path / "run", "--lambda-spread", 2, steps=2))
+    for row in read_log(tmp_path / "run"):
+        # 2 words per image (z1, z2), 4 in a batch of 2: at most 3 directions, so 1/3 ≤ spread ≤ 1
+        assert 1 / 3 - 1e-6 <= row["l_spread"] <= 1
+        assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"] + 2 * row["l_spread"], rel=1e-5)
 
 
 def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trained):
@@ -202,6 +212,7 @@ def test_resume_without_a_run_is_a_user_error(tiny, tmp_path):
     (["--resolution", 60], "multiple of 8"),
     (["--gamma", -1], "--gamma -1.0 must be a finite number >= 0"),
     (["--beta", "nan"], "--beta nan must be a finite number >= 0"),
+    (["--lambda-spread", -1], "--lambda-spread -1.0 must be a finite number >= 0"),
     (["--t-min", 800, "--t-max", 200], "t-min < t-max"),
     (["--steps", 0], "--steps 0 must be positive"),
 ])
@@ -234,7 +245,7 @@ def test_help_documents_every_flag_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--data", "--weights", "--vae", "--out", "--cache-dir", "--resume", "--steps", "--batch-size",
                  "--resolution", "--split", "--crop", "--lr", "--weight-decay", "--z-dim", "--depth", "--hidden",
-                 "--gamma", "--beta", "--lambda-con", "--lambda-back", "--distance", "--t-min", "--t-max",
+                 "--gamma", "--beta", "--lambda-con", "--lambda-back", "--lambda-spread", "--distance", "--t-min", "--t-max",
                  "--checkpoint-every", "--sample-every", "--seed", "--device", "--dtype", "--grad-checkpointing",
                  "--compile", "--attention", "--num-workers", *ABLATIONS[::2]):
         assert flag in text
