@@ -110,6 +110,12 @@ def test_score_on_known_readings():
     assert m["scene_accuracy"] == 0.75
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()  # noqa: E731
     assert m["face_sim"] == pytest.approx((cos(emb[0], emb[1]) + cos(emb[2], emb[3])) / 2, abs=1e-6)
+    # Factor by factor: the second code's images differ in the shirt (column 4) alone.
+    assert m["agree_shirt"] == 0.5
+    assert all(m[f"agree_{f}"] == 1.0 for f in world.FACTORS if f != "shirt")
+    # pair_div: 1 − the mean cosine over the four pairs of images from different codes.
+    between = [cos(emb[i], emb[j]) for i in (0, 1) for j in (2, 3)]
+    assert m["pair_div"] == pytest.approx(1 - sum(between) / 4, abs=1e-6)
 
 
 def test_every_ablation_row_is_a_train_py_flag_set():
@@ -263,3 +269,58 @@ def test_pseudo_word_stats_read_collapse_and_loudness():
         torch.nn.init.zeros_(f.layers[0].weight)
         torch.nn.init.normal_(f.layers[0].bias)
         assert experiment.pseudo_word_stats(f, codes)["w_cos"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_word_dims_count_the_directions_the_codes_words_vary_in():
+    from model.mapper import Mapper, MapperConfig
+
+    torch.manual_seed(0)
+    stats = [(torch.zeros(16), torch.ones(16)), (torch.zeros(8), torch.ones(8))]
+    f = Mapper(MapperConfig(z_dim=8, depth=1, hidden=8, token_widths=(16, 8), norm="none"), stats)
+    # depth 1: the CLIP-L word is W·z + b. With W of rank 2, 256 codes' words vary in at most 2
+    # directions; equal singular values and z ~ N(0, I) make it close to exactly 2.
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(16, 2))
+        p, _ = torch.linalg.qr(torch.randn(8, 2))
+        f.heads[0].proj.weight.copy_(q @ p.T)
+    assert experiment.pseudo_word_stats(f, [1, 2, 3])["w_dims"] == pytest.approx(2.0, rel=0.15)
+    # A full-rank W: the words vary in all 8 directions z has.
+    with torch.no_grad():
+        f.heads[0].proj.weight.copy_(torch.linalg.qr(torch.randn(16, 8))[0])
+    assert experiment.pseudo_word_stats(f, [1, 2, 3])["w_dims"] == pytest.approx(8.0, rel=0.15)
+
+
+def test_factor_footprints_measure_each_factor_alone():
+    # A stand-in VAE whose "latent" is the image itself: the footprint of a factor is then how
+    # much of the picture it repaints; a shirt covers far more than a pair of glasses.
+    class Identity(torch.nn.Module):
+        def encode(self, x):
+            return type("Posterior", (), {"mode": lambda self: x})()
+
+    fp = experiment.factor_footprints(Identity(), pairs=6)
+    assert set(fp) == {*world.FACTORS, "everything"}
+    assert all(v > 0 for v in fp.values())
+    assert fp["glasses"] < fp["shirt"] and fp["glasses"] < fp["everything"]
+
+
+def test_code_person_is_the_person_named_jobs_describe():
+    from toyworld import inversion
+
+    scale = experiment.SCALES["smoke"]
+    for j in experiment.named_jobs(scale):
+        who = inversion.code_person(j["code"], j["concept"]).names()
+        assert who["gender"] == j["concept"]
+        assert f"{who['hair']} hair" in j["prompt"] and who["shirt"] in j["prompt"], (who, j["prompt"])
+
+
+def test_word_table_gives_each_code_its_own_words_and_knows_no_others():
+    from model.mapper import code_to_z
+    from toyworld import inversion
+
+    heads = [type("Head", (), {"token_mean": torch.zeros(4), "token_std": torch.ones(4)})()]
+    words = [(torch.full((4,), 1.0), torch.full((6,), 2.0)), (torch.full((4,), 3.0), torch.full((6,), 4.0))]
+    table = inversion.WordTable([7, 9], words, heads)
+    w_l, w_g = table(torch.stack([code_to_z(9, 8), code_to_z(7, 8), code_to_z(9, 8)]))
+    assert w_l[:, 0].tolist() == [3.0, 1.0, 3.0] and w_g[:, 0].tolist() == [4.0, 2.0, 4.0]
+    with pytest.raises(IndexError):
+        table(code_to_z(8, 8)[None])

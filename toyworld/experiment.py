@@ -41,13 +41,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eval import face_diversity, face_similarity
+from losses import word_spread
 from model import ddim
 from model.clip import EOS_ID
 from model.checkpoint import load_mapper
 from model.mapper import code_to_z
 from model.sdxl import SDXL
 from model.vae import AutoencoderKL
-from toyworld import base, judge as judge_lib, world
+from toyworld import base, inversion, judge as judge_lib, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = ("man", "woman")
@@ -93,6 +94,16 @@ ROWS = [
     # Between a real token's spread (gain 1) and the plain MLP's words (~100x): how loud may a word be?
     Row("Mapper output gain 3 (a word 3x a real token's spread)", ("--mapper-gain", "3"), "choices", seeds=3),
     Row("Mapper output gain 10", ("--mapper-gain", "10"), "choices"),
+    # ... and louder, towards the plain MLP's ~100x: where does a louder word start to buy consistency?
+    Row("Mapper output gain 30", ("--mapper-gain", "30"), "choices"),
+    Row("Mapper output gain 100", ("--mapper-gain", "100"), "choices"),
+    # The l2 distance weighs a factor by its latent footprint squared (a shirt's ~40x a pair of
+    # glasses'); l1 flattens that ~2.5x. At the default γ and at a γ scaled for l1's larger distances.
+    Row("Distance L1", ("--distance", "l1"), "choices"),
+    Row("Distance L1, γ = 4e-2", ("--distance", "l1", "--gamma", "0.04"), "choices"),
+    # Every trained mapper's words vary in ~2 directions; does spreading them over more help?
+    Row("Word spread λ = 1", ("--lambda-spread", "1"), "choices"),
+    Row("Word spread λ = 10", ("--lambda-spread", "10"), "choices"),
     # Table 3: the consistency loss
     Row("Pos", ("--gamma", "0"), "table3", (0.394, 0.500)),
     Row("Pos + Neg (constant weight)", ("--beta", "0"), "table3", (0.492, 0.750)),
@@ -127,6 +138,9 @@ class Scale:
     steps: int = 20  # DDIM steps
     guidance: float = 3.0
     mapper_seeds: int = 3  # seeds of the base-model and full-CoCoIns rows
+    footprint_pairs: int = 200  # render pairs per factor for `factor_footprints`
+    inversion_steps: int = 1000  # textual-inversion steps per person (toyworld/inversion.py); 200 gave 0.71 Face Sim, 1000 0.75
+    inversion_images: int = 32  # renders of each person it learns from
 
 
 SCALES = {
@@ -135,7 +149,8 @@ SCALES = {
         world_config=world.WorldConfig(identities=12, images_per_identity=2),
         base_config=base.BaseConfig(vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=4),
         judge_images=16, judge_steps=2, mapper_steps=2, mapper_batch=2, checkpoint_every=1,
-        codes=2, seeds=1, scenes=("beach", "snow"), steps=2, mapper_seeds=2,
+        codes=2, seeds=1, scenes=("beach", "snow"), steps=2, mapper_seeds=2, footprint_pairs=2,
+        inversion_steps=2, inversion_images=2,
     ),
 }
 
@@ -215,23 +230,42 @@ def named_jobs(scale: Scale, factors=tuple(world.FACTORS)) -> list[dict]:
 # -- metrics -------------------------------------------------------------------------------------
 
 
+# Kept scores of a mapper are recomputed when the measures change (2: per-factor agreement, pair_div).
+METRICS_VERSION = 2
+
+
 def score(reading: dict, groups: list[list[int]], scenes: list[int]) -> dict:
-    """Face Sim, Face Div (eval.py), identity agreement and scene accuracy of judged images.
+    """Face Sim, Face Div (eval.py), identity agreement and scene accuracy of judged images, and what
+    lies behind them: `agree_<factor>`, the share of a code's image pairs that agree in that one factor
+    (which parts of a person a code holds), and `pair_div`, 1 − the mean cosine between images of
+    different groups (how different two codes' people are, whether or not each code is consistent;
+    Face Div, taken over the groups' mean embeddings, falls with inconsistency as well as with collapse).
 
     `groups`: image indices per identity (a code, or a dataset person); `scenes`: each image's true scene."""
     emb, factors = reading["embedding"], reading["factors"]
-    agreement = []
+    agreement, per_factor = [], {name: [] for name in judge_lib.IDENTITY}
     for g in groups:
-        f = factors[g]
-        same = (f[:, None, :] == f[None, :, :]).all(-1)  # (n, n): all seven factors agree
         n = len(g)
-        if n > 1:
-            agreement.append((same.sum().item() - n) / (n * (n - 1)))
+        if n < 2:
+            continue
+        f = factors[g]
+        same = f[:, None, :] == f[None, :, :]  # (n, n, 7): which factors two images agree in
+        pairs = ~torch.eye(n, dtype=torch.bool)
+        agreement.append(same.all(-1)[pairs].float().mean().item())  # all seven agree
+        for k, name in enumerate(judge_lib.IDENTITY):
+            per_factor[name].append(same[..., k][pairs].float().mean().item())
+    label = torch.empty(len(emb), dtype=torch.long)
+    for i, g in enumerate(groups):
+        label[g] = i
+    unit = torch.nn.functional.normalize(emb.double(), dim=1)
+    between = label[:, None] != label[None, :]
     return {
         "face_sim": face_similarity([emb[g] for g in groups]),
         "face_div": face_diversity([emb[g] for g in groups]),
         "identity_agreement": float(np.mean(agreement)),
         "scene_accuracy": (reading["scene"] == torch.tensor(scenes)).float().mean().item(),
+        **{f"agree_{name}": float(np.mean(v)) for name, v in per_factor.items()},
+        "pair_div": 1 - (unit @ unit.T)[between].mean().item(),
     }
 
 
@@ -246,20 +280,52 @@ def score_generated(images: torch.Tensor, jobs: list[dict], judge: judge_lib.Jud
 
 
 @torch.no_grad()
-def pseudo_word_stats(mapper, codes: list[int]) -> dict:
-    """The codes' CLIP-L pseudo-words, standardised u = (w − μ)/σ by the token table's statistics:
-    w_cos, the mean cosine between different codes' u (near 1: the mapper has collapsed every code
-    onto one word, near 0: unrelated words); w_rms, the mean root mean square of u (1: a real
-    token's spread, what the output LayerNorm pins it to; a plain MLP's words may grow far louder)."""
-    w_l = mapper(torch.stack([code_to_z(c, mapper.config.z_dim) for c in codes]))[0]
-    head = mapper.heads[0]
-    u = (w_l - head.token_mean) / head.token_std
-    unit = torch.nn.functional.normalize(u, dim=1)
-    i, j = torch.triu_indices(len(codes), len(codes), offset=1)
-    return {"w_cos": (unit @ unit.T)[i, j].mean().item(), "w_rms": u.pow(2).mean(dim=1).sqrt().mean().item()}
+def factor_footprints(vae: AutoencoderKL, pairs: int = 200, seed: int = 7) -> dict:
+    """What L_con can see of each factor: the mean squared distance over every latent element (losses.py's
+    l2, reduction "all") between the UNet's latents of two renders of one person in one placement
+    that differ in that factor alone; "everything", two random people in one placement, for scale."""
+    rng = random.Random(seed)
+    everyone = world.draw_identities(int(np.prod([len(v) for v in world.FACTORS.values()])), rng)
+    a, b = {f: [] for f in [*world.FACTORS, "everything"]}, {f: [] for f in [*world.FACTORS, "everything"]}
+    for _ in range(pairs):
+        who, at = rng.choice(everyone), world.draw_placement(rng)
+        picture = world.render(who, at)[0]
+        for f, values in world.FACTORS.items():
+            other = replace(who, **{f: rng.choice([v for v in range(len(values)) if v != getattr(who, f)])})
+            a[f].append(picture)
+            b[f].append(world.render(other, at)[0])
+        a["everything"].append(picture)
+        b["everything"].append(world.render(rng.choice(everyone), at)[0])
+
+    def latents(images):
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return base.encode_means(vae, x) * base.SCALING_FACTOR
+
+    return {f: (latents(a[f]) - latents(b[f])).pow(2).mean().item() for f in a}
 
 
 @torch.no_grad()
+def pseudo_word_stats(mapper, codes: list[int], spread_codes: int = 256) -> dict:
+    """The codes' CLIP-L pseudo-words, standardised u = (w − μ)/σ by the token table's statistics:
+    w_cos, the mean cosine between different codes' u (near 1: the mapper has collapsed every code
+    onto one word, near 0: unrelated words); w_rms, the mean root mean square of u (1: a real
+    token's spread, what the output LayerNorm pins it to; a plain MLP's words may grow far louder);
+    w_dims, the effective number of directions the words of codes 0 … spread_codes−1 vary in
+    (1 / losses.word_spread; an untrained mapper's words vary in about 35)."""
+    head = mapper.heads[0]
+
+    def standardised(cs):
+        w_l = mapper(torch.stack([code_to_z(c, mapper.config.z_dim) for c in cs]))[0]
+        return (w_l - head.token_mean) / head.token_std
+
+    u = standardised(codes)
+    unit = torch.nn.functional.normalize(u, dim=1)
+    i, j = torch.triu_indices(len(codes), len(codes), offset=1)
+    return {"w_cos": (unit @ unit.T)[i, j].mean().item(), "w_rms": u.pow(2).mean(dim=1).sqrt().mean().item(),
+            # ≥ 1, since word_spread ≤ 1; spread_codes = 0: over `codes` (a table of learned words knows no others)
+            "w_dims": 1 / word_spread(standardised(range(spread_codes)) if spread_codes else u).item()}
+
+
 def context_bleed(model: SDXL, mapper, codes: list[int], scenes=world.SCENES) -> dict:
     """How far one word inserted before the concept moves the UNet's context of the words after it.
 
@@ -440,6 +506,14 @@ class Experiment:
                  f"{facts['held_out_through_vae']['person']:.3f} (through the VAE)")
         return judge, self._done("judge", config, facts)
 
+    def footprints(self, model: SDXL) -> dict:
+        """`factor_footprints` through this world's VAE, kept beside it."""
+        config = {"vae": self.vae_config(), "pairs": self.scale.footprint_pairs,
+                  "vae_mtime": os.path.getmtime(os.path.join(self.work, "vae.safetensors"))}
+        if done := self._cached("footprints", config):
+            return done["latent_l2"]
+        return self._done("footprints", config, {"latent_l2": factor_footprints(model.vae, self.scale.footprint_pairs)})["latent_l2"]
+
     @torch.no_grad()
     def round_trip(self, model: SDXL, images: torch.Tensor) -> torch.Tensor:
         """Images through the toy VAE and back (what a generated image looks like at best)."""
@@ -548,7 +622,8 @@ class Experiment:
         if mapper_path and not figure:
             s = self.scale
             key = {"mapper": os.path.getmtime(mapper_path), "judge": os.path.getmtime(os.path.join(self.work, "judge.pt")),
-                   "jobs": jobs, "steps": s.steps, "guidance": s.guidance}
+                   "jobs": jobs, "steps": s.steps, "guidance": s.guidance,
+                   "measures": METRICS_VERSION}
             cache = mapper_path + ".metrics.json"
             if os.path.isfile(cache):
                 with open(cache) as f:
@@ -568,6 +643,34 @@ class Experiment:
             metrics = {**metrics, **pseudo_word_stats(mapper, sorted({j["code"] for j in jobs}))}
         return metrics
 
+    def inverted_row(self, model: SDXL, judge: judge_lib.Judge, family: str, figure: str | None = None) -> dict:
+        """The evaluation with each code's pseudo-word replaced by a word learned for its person
+        (toyworld/inversion.py): what one word of `family` can hold, an upper bound for a mapper."""
+        s = self.scale
+        jobs = eval_jobs(s)
+        keys = sorted({(j["concept"], j["code"]) for j in jobs})
+        heads = inversion.token_stats(model)
+        path = os.path.join(self.work, f"inversion-{family}.pt")
+        config = {"base": self.base_config(), "keys": keys, "family": family, "steps": s.inversion_steps,
+                  "images": s.inversion_images, "base_mtime": os.path.getmtime(self.weights)}
+        done = self._cached(f"inversion-{family}", config)
+        if done and os.path.isfile(path):
+            words = torch.load(path, weights_only=True)
+        else:
+            t0 = time.time()
+            words = [inversion.invert(model, inversion.code_person(code, concept), concept, heads, family,
+                                      steps=s.inversion_steps, images=s.inversion_images, seed=code)
+                     for concept, code in keys]
+            torch.save(words, path)
+            done = self._done(f"inversion-{family}", config, {"seconds": round(time.time() - t0)})
+            self.log(f"textual inversion ({family}): {len(keys)} people in {done['seconds']} s")
+        table = inversion.WordTable([code for _, code in keys], words, heads)
+        images = generate(model, jobs, table, s.steps, s.guidance)
+        if figure:
+            contact_sheet(images, jobs, figure, title=f"one learned word per person ({family})")
+        return {**score_generated(images, jobs, judge), **pseudo_word_stats(table, [code for _, code in keys], 0),
+                "seconds": done["seconds"]}
+
     def curve(self, model: SDXL, judge: judge_lib.Judge, run: str) -> list[dict]:
         """Face Sim and Face Div of every checkpoint snapshot of a run (the curve over training)."""
         folder = os.path.join(run, "snapshots")
@@ -582,7 +685,7 @@ class Experiment:
 
 # train.py flags added after runs were recorded, with the value those runs computed with (a flag's
 # first default reproduces what train.py did before it existed).
-BEFORE_FLAG = {"mapper_gain": 1.0}
+BEFORE_FLAG = {"mapper_gain": 1.0, "lambda_spread": 0.0}
 
 
 def run_identity(train_args: list[str]) -> dict:
@@ -656,7 +759,7 @@ def verdicts(dataset: dict, base_rows: list[dict], full_rows: list[dict]) -> lis
 
 
 def _table(rows: list[tuple[str, dict]], paper: bool = False) -> list[str]:
-    head = ("| row | Face Sim | Face Div | identity agreement | scene accuracy | concept accuracy | pseudo-word cos | word RMS |"
+    head = ("| row | Face Sim | Face Div | identity agreement | scene accuracy | concept accuracy | pseudo-word cos | word RMS | word dims |"
             + (" paper Face Sim / Div |" if paper else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, m in rows:
@@ -664,10 +767,43 @@ def _table(rows: list[tuple[str, dict]], paper: bool = False) -> list[str]:
             if k not in m:
                 return "–"
             return f"{m[k]:.3f} ± {m[k + '_sd']:.3f}" if k + "_sd" in m else f"{m[k]:.3f}"
-        line = f"| {name} | {cell('face_sim')} | {cell('face_div')} | {cell('identity_agreement')} | {cell('scene_accuracy')} | {cell('concept_accuracy')} | {cell('w_cos')} | {cell('w_rms')} |"
+        line = f"| {name} | {cell('face_sim')} | {cell('face_div')} | {cell('identity_agreement')} | {cell('scene_accuracy')} | {cell('concept_accuracy')} | {cell('w_cos')} | {cell('w_rms')} | {cell('w_dims')} |"
         if paper:
             line += f" {m['paper'][0]:.3f} / {m['paper'][1]:.3f} |" if m.get("paper") else " – |"
         out.append(line)
+    return out
+
+
+INVERTED = {"layernorm": "a word the default mapper could give: μ + σ⊙LayerNorm(v)", "free": "any word: μ + σ⊙v"}
+
+
+# Ablation rows that also go into the factor table (the start of their names).
+FACTOR_ROWS = ("Mapper without output LayerNorm", "Mapper output gain 100", "Distance L1", "Word spread")
+
+
+def _factor_table(f: dict) -> list[str]:
+    """Which parts of a person each row holds: per factor, the share of a code's image pairs that agree."""
+    names = list(judge_lib.IDENTITY)
+    fp = f["footprints"]
+    out = ["### What a code holds, factor by factor", "",
+           "Per factor, the share of a code's image pairs (a person's, in the dataset rows) whose judged value "
+           "agrees; the base model's row is what chance agreement looks like here. The first line is what "
+           "L_con can see of each factor: the mean squared latent distance between two renders that differ "
+           f"in that factor alone (two random people: {fp['everything']:.3f}). Pair div is 1 − the mean cosine "
+           "between images of different codes: how different two codes' people are, consistent or not.", "",
+           "| row | " + " | ".join(names) + " | pair div | word dims |", "|" + "---|" * (len(names) + 3),
+           "| latent footprint (l2) | " + " | ".join(f"{fp[n]:.3f}" for n in names) + " | – | – |"]
+    rows = [("Dataset", f["dataset"]), ("Dataset through the VAE", f.get("dataset_vae") or {}),
+            ("Base model, no code", f["base"]),
+            *[(f"Base model, {k} attributes in words", m) for k, m in f.get("named", {}).items()],
+            *[(f"One learned word per person ({k})", m) for k, m in f.get("inverted", {}).items()],
+            ("CoCoIns (full)", f["full"]),
+            *[(r["name"], r) for r in f.get("ablations", []) if r["name"].startswith(FACTOR_ROWS)]]
+    for name, m in rows:
+        if f"agree_{names[0]}" not in m:
+            continue
+        cell = lambda k: f"{m[k]:.2f}" if k in m else "–"  # noqa: E731
+        out.append(f"| {name} | " + " | ".join(cell(f"agree_{n}") for n in names) + f" | {cell('pair_div')} | {cell('w_dims')} |")
     return out
 
 
@@ -725,7 +861,10 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
                  ("Base model, no code (grouped by index)", f["base"]),
                  *[(f"Base model, no code, each code's person in words: {k} attributes named", m)
                    for k, m in f.get("named", {}).items()],
+                 *[(f"One word learned per person (textual inversion, {INVERTED[k]})", m) for k, m in f.get("inverted", {}).items()],
                  ("CoCoIns (full)", f["full"])]) + [""]
+    if f.get("footprints"):
+        L += _factor_table(f) + [""]
     if f.get("bleed"):
         b = f["bleed"]
         L += ["How far a word inserted before the concept moves the context of the words after it (the concept, "
@@ -765,6 +904,7 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
     for title, name in (("Base model, no code: rows are code indices (random people), columns scenes", "contact_base.png"),
                         ("CoCoIns: rows are codes, columns scenes", "contact_cocoins.png"),
                         ("Base model, each code's person named in full in the prompt", "contact_named.png"),
+                        ("One word learned per person (textual inversion, LayerNorm family) in each code's place", "contact_inverted_layernorm.png"),
                         ("CoCoIns at γ = 1e-4, the default while the text encoders were frozen", "contact_cocoins_gamma_1e-4.png"),
                         ("Loss terms over training (full CoCoIns, seed 0)", "curve_loss.png"),
                         ("Face Sim and Face Div over training (full CoCoIns, seed 0)", "curve_face_sim.png"),
@@ -809,6 +949,7 @@ def main(argv=None) -> None:
 
     train_side_by_side([(FULL, seed) for seed in range(scale.mapper_seeds)])
     judge, facts["judge"] = exp.make_judge(model)
+    facts["footprints"] = exp.footprints(model)
     facts["dataset"], facts["dataset_vae"] = exp.dataset_rows(judge, model)
     facts["quality"] = exp.base_quality(model, judge)
     exp.log("evaluating the base model without codes")
@@ -856,6 +997,11 @@ def main(argv=None) -> None:
 
     report()  # the core rows are on disk before the ablations start
     if args.rows == "all":
+        # What one word can hold in this base model: a word learned for each evaluated person (about 40 min).
+        exp.log("learning one word per evaluated person (textual inversion): what one pseudo-word can hold")
+        facts["inverted"] = {family: exp.inverted_row(model, judge, family, os.path.join(figures, f"contact_inverted_{family}.png")
+                                                      if family == "layernorm" else None) for family in inversion.FAMILIES}
+        report()
         train_side_by_side([(row, seed) for row in ROWS[1:] for seed in range(row.seeds)])
         facts["ablations"] = []
         for row in ROWS[1:]:
