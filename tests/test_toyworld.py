@@ -324,3 +324,26 @@ def test_word_table_gives_each_code_its_own_words_and_knows_no_others():
     assert w_l[:, 0].tolist() == [3.0, 1.0, 3.0] and w_g[:, 0].tolist() == [4.0, 2.0, 4.0]
     with pytest.raises(IndexError):
         table(code_to_z(8, 8)[None])
+
+
+def test_inversion_learns_a_word_of_its_family_through_the_base_model(tmp_path):
+    from model.sdxl import SDXL
+    from toyworld import inversion
+
+    path = str(tmp_path / "base.safetensors")
+    models = base.build(0)
+    torch.nn.init.normal_(models["unet"].out[-1].weight, std=0.1)  # a fresh UNet's last conv is zero: ε̂ would not see the word
+    base.save_single_file(path, models)
+    model = SDXL.load(path)
+    heads = inversion.token_stats(model)
+    who = inversion.code_person(1000, "woman")
+    for family in inversion.FAMILIES:
+        before = inversion.invert(model, who, "woman", heads, family, steps=0, batch=2, images=2)
+        after = inversion.invert(model, who, "woman", heads, family, steps=3, batch=2, images=2)
+        for w0, w1, h in zip(before, after, heads):
+            assert not torch.allclose(w0, w1)  # the loss reaches the word through both encoders
+            u = (w1 - h.token_mean) / h.token_std
+            if family == "layernorm":  # a word the default mapper could give: unit spread, zero mean
+                assert u.pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-3) and abs(u.mean().item()) < 1e-4
+    # the frozen model stays frozen
+    assert all(p.grad is None for m in (model.unet, model.clip_l, model.clip_g) for p in m.parameters())

@@ -45,7 +45,7 @@ from losses import word_spread
 from model import ddim
 from model.clip import EOS_ID
 from model.checkpoint import load_mapper
-from model.mapper import code_to_z
+from model.mapper import Mapper, MapperConfig, code_to_z
 from model.sdxl import SDXL
 from model.vae import AutoencoderKL
 from toyworld import base, inversion, judge as judge_lib, world
@@ -141,6 +141,7 @@ class Scale:
     footprint_pairs: int = 200  # render pairs per factor for `factor_footprints`
     inversion_steps: int = 1000  # textual-inversion steps per person (toyworld/inversion.py); 200 gave 0.71 Face Sim, 1000 0.75
     inversion_images: int = 32  # renders of each person it learns from
+    inversion_lr: float = 5e-2  # Adam's step on the word (in units of a token's spread)
 
 
 SCALES = {
@@ -311,7 +312,7 @@ def pseudo_word_stats(mapper, codes: list[int], spread_codes: int = 256) -> dict
     onto one word, near 0: unrelated words); w_rms, the mean root mean square of u (1: a real
     token's spread, what the output LayerNorm pins it to; a plain MLP's words may grow far louder);
     w_dims, the effective number of directions the words of codes 0 … spread_codes−1 vary in
-    (1 / losses.word_spread; an untrained mapper's words vary in about 35)."""
+    (1 / losses.word_spread)."""
     head = mapper.heads[0]
 
     def standardised(cs):
@@ -651,15 +652,16 @@ class Experiment:
         keys = sorted({(j["concept"], j["code"]) for j in jobs})
         heads = inversion.token_stats(model)
         path = os.path.join(self.work, f"inversion-{family}.pt")
-        config = {"base": self.base_config(), "keys": keys, "family": family, "steps": s.inversion_steps,
-                  "images": s.inversion_images, "base_mtime": os.path.getmtime(self.weights)}
+        # (the keys as lists, as the JSON file keeps them)
+        config = {"base": self.base_config(), "keys": [list(k) for k in keys], "family": family, "steps": s.inversion_steps,
+                  "images": s.inversion_images, "lr": s.inversion_lr, "base_mtime": os.path.getmtime(self.weights)}
         done = self._cached(f"inversion-{family}", config)
         if done and os.path.isfile(path):
             words = torch.load(path, weights_only=True)
         else:
             t0 = time.time()
             words = [inversion.invert(model, inversion.code_person(code, concept), concept, heads, family,
-                                      steps=s.inversion_steps, images=s.inversion_images, seed=code)
+                                      steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr, seed=code)
                      for concept, code in keys]
             torch.save(words, path)
             done = self._done(f"inversion-{family}", config, {"seconds": round(time.time() - t0)})
@@ -853,7 +855,8 @@ def write_results(path: str, command: str, scale_name: str, facts: dict) -> None
           "identity agreement is the share of a code's image pairs whose seven judged factors all agree; "
           "scene accuracy is the share of images whose judged scene is the prompt's (the toy CLIP-T); concept "
           "accuracy, the share whose judged gender is the prompt's man/woman; pseudo-word cos, the mean cosine between "
-          "different codes' standardised CLIP-L pseudo-words (1: every code the same word); word RMS, their root mean square in units of the token table's spread (1: as loud as a real token). ± is the standard deviation over "
+          "different codes' standardised CLIP-L pseudo-words (1: every code the same word); word RMS, their root mean square in units of the token table's spread (1: as loud as a real token); word dims, the effective number of directions the codes' words vary in (over codes 0-255; for the learned words, over the evaluated people"
+          + (f"; an untrained mapper's: {f['untrained']['w_dims']:.1f}" if f.get("untrained") else "") + "). ± is the standard deviation over "
           f"{f['mapper_seeds']} seeds (mapper seeds for CoCoIns, sampling seeds for the base model).", ""]
     L += _table([("Dataset (same person = same identity label)", f["dataset"]),
                  *([("Dataset through the VAE (the best a generated image can look)", f["dataset_vae"])]
@@ -968,6 +971,11 @@ def main(argv=None) -> None:
     facts.update(base=_aggregate(base_rows), full=_aggregate(full_rows), full_seed0=full_rows[0],
                  base_rows=base_rows, full_rows=full_rows, mapper_seeds=scale.mapper_seeds)
     facts["verdicts"] = verdicts(facts["dataset"], base_rows, full_rows)
+    # For scale: the word dims of an untrained mapper (train.py's initialisation, seed 0).
+    torch.manual_seed(0)
+    fresh = Mapper(MapperConfig(token_widths=(model.clip_l.config.width, model.clip_g.config.width)),
+                   [(h.token_mean, h.token_std) for h in inversion.token_stats(model)])
+    facts["untrained"] = pseudo_word_stats(fresh, [1000 + k for k in range(scale.codes)])
     facts["bleed"] = context_bleed(model, load_mapper(os.path.join(runs[0], "mapper.safetensors")), [1000 + k for k in range(scale.codes)])
     # Curves of the first full run: the loss terms from its log, Face Sim / Div from its checkpoints.
     with open(os.path.join(runs[0], "log.jsonl")) as fh:

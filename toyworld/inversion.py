@@ -14,6 +14,8 @@ Two families of word:
 This is supervised (it sees the person); CoCoIns never does. So it bounds a pseudo-word from
 above: a mapper that falls short of it is limited by its loss or training, one that reaches it by
 what one word can say to this base model.
+
+Read next: toyworld/experiment.py (the rows that use these words).
 """
 
 import random

@@ -13,7 +13,7 @@ What the judge gives eval.py:
                 all seven agree (identity agreement)
     scene       the most probable scene: the toy world's CLIP-T is how often it is the prompt's
 
-Read next: toyworld/experiment.py (the experiment that uses all of this).
+Read next: toyworld/inversion.py (one word learned per person: what a pseudo-word can hold).
 """
 
 import random
