@@ -474,13 +474,18 @@ def vae_fingerprint(model: SDXL) -> str:
     return h.hexdigest()[:16]
 
 
+def token_stats(model: SDXL) -> list[tuple[Tensor, Tensor]]:
+    """(mean, std) of each encoder's token table, in the mapper's order (CLIP-L, then bigG)."""
+    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
+    return [embedding_stats(t) for t in tables]
+
+
 def new_mapper(model: SDXL, args) -> Mapper:
     """f, initialised from --seed, its pseudo-words shaped like each encoder's real tokens."""
     torch.manual_seed(args.seed)
     config = MapperConfig(z_dim=args.z_dim, depth=args.depth, hidden=args.hidden, norm=args.mapper_norm,
                           gain=args.mapper_gain, token_widths=(model.clip_l.config.width, model.clip_g.config.width))
-    tables = (model.clip_l.text_model.embeddings.token_embedding.weight, model.clip_g.token_embedding.weight)
-    return Mapper(config, [embedding_stats(t) for t in tables]).to(model.device).train()
+    return Mapper(config, token_stats(model)).to(model.device).train()
 
 
 def init_mapper_file(path: str) -> str:

@@ -304,11 +304,9 @@ def test_factor_footprints_measure_each_factor_alone():
 
 
 def test_code_person_is_the_person_named_jobs_describe():
-    from toyworld import inversion
-
     scale = experiment.SCALES["smoke"]
     for j in experiment.named_jobs(scale):
-        who = inversion.code_person(j["code"], j["concept"]).names()
+        who = experiment.code_person(j["code"], j["concept"]).names()
         assert who["gender"] == j["concept"]
         assert f"{who['hair']} hair" in j["prompt"] and who["shirt"] in j["prompt"], (who, j["prompt"])
 
@@ -336,7 +334,7 @@ def test_inversion_learns_a_word_of_its_family_through_the_base_model(tmp_path):
     base.save_single_file(path, models)
     model = SDXL.load(path)
     heads = inversion.token_stats(model)
-    who = inversion.code_person(1000, "woman")
+    who = experiment.code_person(1000, "woman")
     for family in inversion.FAMILIES:
         before = inversion.invert(model, who, "woman", heads, family, steps=0, batch=2, images=2)
         after = inversion.invert(model, who, "woman", heads, family, steps=3, batch=2, images=2)

@@ -214,6 +214,14 @@ NAMED = {"1 (shirt colour)": ("shirt",), "3 (+ pattern, hair colour)": ("shirt",
          "all 7": tuple(world.FACTORS)}
 
 
+def code_person(code: int, concept: str) -> world.Identity:
+    """The person a code index stands for in the rows that name it (`named_jobs`) or learn a word for it
+    (`inversion`): fixed random factors drawn from the code, the concept word's gender."""
+    rng = random.Random(code)
+    names = {f: rng.choice(values) for f, values in world.FACTORS.items()} | {"gender": concept}
+    return world.Identity(*(world.FACTORS[f].index(names[f]) for f in world.FACTORS))
+
+
 def named_jobs(scale: Scale, factors=tuple(world.FACTORS)) -> list[dict]:
     """`eval_jobs` with each code's person described in words: every code index gets a fixed random
     person of its concept's gender, the attributes in `factors` named ("a photo of a tanned woman
@@ -221,9 +229,8 @@ def named_jobs(scale: Scale, factors=tuple(world.FACTORS)) -> list[dict]:
     mapper, on these prompts is what words alone make of a person, to measure a pseudo-word by."""
     jobs = eval_jobs(scale)
     for j in jobs:
-        rng = random.Random(j["code"])
-        names = {f: rng.choice(values) for f, values in world.FACTORS.items()} | {"gender": j["concept"]}
-        person = world.describe(j["concept"], names, rng, named=set(factors))
+        names = code_person(j["code"], j["concept"]).names()
+        person = world.describe(j["concept"], names, None, named=set(factors))
         j["prompt"] = f"a photo of a {person} {world.SCENE_PHRASES[j['scene']][0]}"
     return jobs
 
@@ -660,7 +667,7 @@ class Experiment:
             words = torch.load(path, weights_only=True)
         else:
             t0 = time.time()
-            words = [inversion.invert(model, inversion.code_person(code, concept), concept, heads, family,
+            words = [inversion.invert(model, code_person(code, concept), concept, heads, family,
                                       steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr, seed=code)
                      for concept, code in keys]
             torch.save(words, path)
@@ -973,8 +980,9 @@ def main(argv=None) -> None:
     facts["verdicts"] = verdicts(facts["dataset"], base_rows, full_rows)
     # For scale: the word dims of an untrained mapper (train.py's initialisation, seed 0).
     torch.manual_seed(0)
-    fresh = Mapper(MapperConfig(token_widths=(model.clip_l.config.width, model.clip_g.config.width)),
-                   [(h.token_mean, h.token_std) for h in inversion.token_stats(model)])
+    import train  # its token statistics, as new_mapper computes them
+
+    fresh = Mapper(MapperConfig(token_widths=(model.clip_l.config.width, model.clip_g.config.width)), train.token_stats(model))
     facts["untrained"] = pseudo_word_stats(fresh, [1000 + k for k in range(scale.codes)])
     facts["bleed"] = context_bleed(model, load_mapper(os.path.join(runs[0], "mapper.safetensors")), [1000 + k for k in range(scale.codes)])
     # Curves of the first full run: the loss terms from its log, Face Sim / Div from its checkpoints.

@@ -2,8 +2,8 @@
 
 CoCoIns asks one inserted word to fix a whole person. Whether one word *can* do that is a property
 of the base model (its text encoders and UNet), not of the mapper or its loss. Textual inversion
-answers it: for each evaluation code's person (the person `experiment.named_jobs` describes in
-words), one word per text encoder is optimised, with the base model's own denoising loss, on
+answers it: for each evaluation code's person (`experiment.code_person`, the person `named_jobs` describes
+in words), one word per text encoder is optimised, with the base model's own denoising loss, on
 renders of that person in random scenes and poses, inserted before the concept word exactly as a
 pseudo-word is. The words are then used as that code's pseudo-word and scored like any row.
 
@@ -24,32 +24,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import train
 from model import ddim
-from model.mapper import code_to_z, embedding_stats
+from model.mapper import code_to_z
 from toyworld import base, world
 
 
 FAMILIES = ("layernorm", "free")
 
 
-def code_person(code: int, concept: str) -> world.Identity:
-    """The person `experiment.named_jobs` names in words for a code: fixed random factors, the concept's gender."""
-    rng = random.Random(code)
-    names = {f: rng.choice(values) for f, values in world.FACTORS.items()} | {"gender": concept}
-    return world.Identity(*(world.FACTORS[f].index(names[f]) for f in world.FACTORS))
-
-
 class TokenStats:
     """A token table's per-dimension mean and std (`token_mean`, `token_std`), as a mapper's heads carry them."""
 
-    def __init__(self, table: torch.Tensor):
-        self.token_mean, self.token_std = embedding_stats(table)
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.token_mean, self.token_std = mean, std
 
 
 def token_stats(model) -> list[TokenStats]:
-    """The two encoders' token statistics, in the mapper's order (CLIP-L, then bigG), as train.py computes them."""
-    return [TokenStats(t) for t in (model.clip_l.text_model.embeddings.token_embedding.weight,
-                                    model.clip_g.token_embedding.weight)]
+    """The two encoders' token statistics, in the mapper's order, as train.py computes them for f."""
+    return [TokenStats(mean, std) for mean, std in train.token_stats(model)]
 
 
 class WordTable(torch.nn.Module):
