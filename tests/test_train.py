@@ -124,6 +124,15 @@ def test_lambda_spread_reaches_the_loss_of_a_run_and_its_log(tiny, tmp_path):
         assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"] + 2 * row["l_spread"], rel=1e-5)
 
 
+def test_beta_shapes_the_lambda_neg_ramp_of_a_run(tiny, tmp_path):
+    train.main(argv(tiny, tmp_path / "run", "--beta", 2, steps=2))
+    log = read_log(tmp_path / "run")
+    # λ_neg = γ·(k/K)^β with γ = 1e-2, K = 2, β = 2: a quarter of γ at step 1 (β = 1 would give half)
+    assert [row["lambda_neg"] for row in log] == pytest.approx([1e-2 / 4, 1e-2])
+    for row in log:
+        assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
+
+
 def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trained):
     path = os.path.join(trained.out, "mapper.safetensors")
     f = load_mapper(path)
