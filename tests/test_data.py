@@ -246,6 +246,18 @@ def test_captions_jsonl_yields_every_pair_of_its_captions_in_both_orders_across_
     assert len(drawn) == 12
 
 
+def test_concepts_count_the_word_each_image_is_trained_with(tmp_path):
+    # What a mapper file records it was trained on: the same word every item carries, counted.
+    make_celeba(tmp_path, n=4, attrs={"000002.jpg": attr_values(), "000003.jpg": attr_values(Male=1)})
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "000001.jpg", "captions": ["a girl reading", "a girl in a park"],
+                            "concept": "girl"}) + "\n")
+    ds = dataset(tmp_path)
+    assert ds.concepts() == {"man": 2, "girl": 1, "woman": 1}
+    assert sorted(ds[i]["concept"] for i in range(len(ds))) == ["girl", "man", "man", "woman"]
+    assert list(ds.concepts()) == ["man", "girl", "woman"]  # most common first, ties in order of appearance
+
+
 def test_captions_failing_the_caption_test_are_dropped_before_training(tmp_path):
     make_celeba(tmp_path, n=2)
     lines = [{"image": "000001.jpg", "concept": "girl",
