@@ -68,6 +68,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise UserError(f"--width {width} --height {height}: both must be positive multiples of 8 (the VAE downsamples by 8), e.g. 1024")
+
+
 def labelled_grid(images: list[np.ndarray], row_labels: list[str], col_labels: list[str], title: str) -> Image.Image:
     """Images (H, W, 3) uint8, row by row, in a grid with a title line, a label above each column
     and one left of each row (labels cut to fit; the PNG text of `grid_info` holds them whole)."""

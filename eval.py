@@ -61,7 +61,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import cli
-from model import attention, checkpoint, clip, clip_vision
+from model import attention, checkpoint, clip, clip_vision, speed
 from model.errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -372,37 +372,6 @@ def plan(prompts: dict[str, list[str]], codes: int, images_per_code: int, use_co
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate_batch(model, prompts: list[str], seeds: list[int], subjects, steps: int, guidance: float,
-                   eta: float, width: int, height: int) -> np.ndarray:
-    """B images (B, H, W, 3) uint8 in one UNet batch, each the image `SDXL.generate` makes for its
-    prompt and seed alone: per-image CPU generators draw x_T and the η-noise exactly as one by one.
-
-    `subjects`: None, or [(w_l (B, D_l), w_g (B, D_g), concepts (B words))] (one pseudo-word per image)."""
-    from model import ddim
-
-    B = len(prompts)
-    context, pooled = model.encode_prompt(prompts, subjects)
-    # SDXL base's empty negative prompt: zero conditioning (model/sdxl.py, PITFALL there).
-    neg_context, neg_pooled = model.encode_negative("", B, context, pooled)
-    time_ids = model.time_ids(height, width, B, model.device)
-    cond = dict(context=torch.cat([context, neg_context]).to(model.dtype),
-                pooled=torch.cat([pooled, neg_pooled]).to(model.dtype), time_ids=torch.cat([time_ids, time_ids]))
-
-    def eps_fn(x_t, t):
-        if guidance == 1:  # ε̂ = ε_c: the unconditional half is never computed
-            return model.unet(x_t.to(model.dtype), t, cond["context"][:B], cond["pooled"][:B],
-                              cond["time_ids"][:B]).float(), None
-        eps_c, eps_u = model.unet(torch.cat([x_t, x_t]).to(model.dtype), torch.cat([t, t]), cond["context"],
-                                  cond["pooled"], cond["time_ids"]).float().chunk(2)
-        return eps_c, eps_u
-
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    x_T = ddim.randn((B, 4, height // 8, width // 8), generators, model.device, torch.float32)
-    x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generators)
-    return model.decode(x_0)
-
-
 def file_digest(path: str) -> str:
     """SHA-256 of a file (a mapper is a few MB): a mapper retrained in place is a new mapper."""
     import hashlib
@@ -443,8 +412,9 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
     if not todo:
         return 0
     model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
+    speed.save_memory(model.unet, model.vae)
     if args.compile:
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     f = None
     if mapper_sha is not None:
         f = checkpoint.load_mapper(mapper_file(args.mapper), device=device)
@@ -460,9 +430,11 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
             # z_k from code k (model/mapper.py), then w = f(z): one pseudo-word pair per image.
             z = torch.stack([mapper.code_to_z(job.code, f.config.z_dim) for job, _ in batch]).to(device)
             w_l, w_g = f(z)
-            subjects = [(w_l.to(dtype), w_g.to(dtype), [job.subject for job, _ in batch])]
-        images = generate_batch(model, [j.prompt for j, _ in batch], [j.seed for j, _ in batch], subjects,
-                                args.steps, args.guidance, args.eta, args.width, args.height)
+            subjects = [(w_l, w_g, [job.subject for job, _ in batch])]
+        # A batch at a time, each image saved as soon as its batch is made: a stopped run keeps them.
+        images = model.generate([j.prompt for j, _ in batch], [j.seed for j, _ in batch], subjects, steps=args.steps,
+                                guidance=args.guidance, eta=args.eta, width=args.width, height=args.height,
+                                batch_size=args.batch_size)
         for (job, settings), img in zip(batch, images):
             path = os.path.join(images_dir, job.path)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -717,7 +689,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--dtype", default="auto", choices=cli.DTYPES, help=cli.DTYPE_HELP)
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile the UNet (as sample.py)")
     return p.parse_args(argv)
 
@@ -742,9 +714,7 @@ def check_numbers(args) -> None:
         raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
     if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
         raise UserError(f"--steps {args.steps}: use at least 1 step and at most {ddim.T - ddim.STEPS_OFFSET}")
-    from model.sdxl import check_size
-
-    check_size(args.width, args.height)
+    cli.check_size(args.width, args.height)
 
 
 def main(argv=None) -> dict:

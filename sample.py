@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
+from cli import DTYPE_HELP, DTYPES, HelpFormatter, check_size, grid_info, labelled_grid, pick_device, pick_dtype
 from model import attention, checkpoint, ddim, speed
 from model.errors import UserError
 
@@ -182,7 +182,7 @@ def subjects_from_codes(codes, concepts, f, model, dtype):
 def main(argv=None):
     args = parse_args(argv)
     from model.checkpoint import MISSING_WEIGHTS, find_default_weights
-    from model.sdxl import SDXL, check_size
+    from model.sdxl import SDXL
 
     prompts = args.prompt
     if not prompts or any(not p.strip() for p in prompts):
@@ -226,8 +226,9 @@ def main(argv=None):
     k = 0
     for prompt in prompts:
         for seed in seeds:
-            img = model.generate(prompt, seed, args.negative_prompt, args.steps, args.guidance, args.eta,
-                                 args.width, args.height, subjects, progress=True)
+            # one image per call, saved as soon as it is made
+            img = model.generate([prompt], [seed], subjects, args.negative_prompt, args.steps, args.guidance, args.eta,
+                                 args.width, args.height, progress=True)[0]
             params = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
                           guidance=args.guidance, eta=args.eta, width=args.width, height=args.height,
                           code=args.code, concept=[s[2] for s in subjects or []],

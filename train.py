@@ -744,13 +744,14 @@ def save_samples(model: SDXL, f: Mapper, args, step: int):
     say(0, f"drawing the sample grid of step {step} ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, "
            f"{SAMPLE_STEPS} DDIM steps each) into {path}")
     w_l, w_g = f(torch.stack([code_to_z(code, f.config.z_dim) for code in SAMPLE_CODES]).to(model.device))
-    images = []
-    for row in range(len(SAMPLE_CODES)):
-        for col, (prompt, concept) in enumerate(SAMPLE_PROMPTS):
-            subjects = [(w_l[row].to(model.dtype), w_g[row].to(model.dtype), concept)]
-            # column = seed: a code must keep its person across noises, as sample.py users expect.
-            images.append(model.generate(prompt, seed=col, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
-                                         width=args.resolution, height=args.resolution, subjects=subjects))
+    # Row by row (a code each), column by column; column = seed: a code must keep its person across
+    # noises, as sample.py users expect. One UNet batch per row.
+    cols = len(SAMPLE_PROMPTS)
+    words = [(w_l.repeat_interleave(cols, dim=0), w_g.repeat_interleave(cols, dim=0),
+              [concept for _ in SAMPLE_CODES for _, concept in SAMPLE_PROMPTS])]
+    images = model.generate([prompt for _ in SAMPLE_CODES for prompt, _ in SAMPLE_PROMPTS],
+                            [col for _ in SAMPLE_CODES for col in range(cols)], words, steps=SAMPLE_STEPS,
+                            guidance=SAMPLE_GUIDANCE, width=args.resolution, height=args.resolution, batch_size=cols)
     codes = [f"code {code}" for code in SAMPLE_CODES]
     prompts = [f"{prompt} (seed {col})" for col, (prompt, _) in enumerate(SAMPLE_PROMPTS)]
     grid = labelled_grid(images, codes, prompts, f"step {step}: rows are codes, columns are prompts (seed = column)")

@@ -154,6 +154,18 @@ def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(tiny, tmp_pat
     assert left > 0 and top > 0
     pixels = np.asarray(grid.convert("L"))
     assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128
+    # Cell (row r, column c) is code r in prompt c from seed c, as sample.py would draw it alone
+    # (the grid is one batched call: within float32 batch rounding, 1/255).
+    from model.mapper import code_to_z
+
+    model, f = SDXL.load(tiny.weights), load_mapper(str(out / "mapper.safetensors"))
+    cells = np.asarray(grid.convert("RGB")).astype(int)
+    for r, code in enumerate(train.SAMPLE_CODES):
+        w_l, w_g = f(code_to_z(code, f.config.z_dim)[None])
+        for c, (prompt, concept) in enumerate(train.SAMPLE_PROMPTS):
+            alone = model.generate([prompt], [c], [(w_l[0], w_g[0], concept)], steps=2, width=SIZE, height=SIZE)[0]
+            cell = cells[top + r * SIZE : top + (r + 1) * SIZE, left + c * SIZE : left + (c + 1) * SIZE]
+            assert np.abs(cell - alone).max() <= 1, (r, c)
 
 
 def test_no_closing_grid_is_drawn_when_none_is_due(tiny, tmp_path, capsys):
