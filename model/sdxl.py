@@ -100,14 +100,13 @@ class SDXL:
         from its own generator: it is the image it would be alone (bit for bit at batch_size 1)."""
         if len(seeds) != len(prompts):
             raise ValueError(f"one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-        B = batch_size or len(prompts)
-        if len(prompts) > B:  # one batch at a time, each with its own images' pseudo-words
-            rows = [slice(k, k + B) for k in range(0, len(prompts), B)]
+        if batch_size and len(prompts) > batch_size:  # a batch at a time, each with its images' pseudo-words
+            rows = [slice(k, k + batch_size) for k in range(0, len(prompts), batch_size)]
             return np.concatenate([self.generate(prompts[r], seeds[r], _rows(subjects, r), negative_prompt, steps,
                                                  guidance, eta, width, height, None, progress) for r in rows])
         # The UNet sees [conditional; unconditional] in one pass. At guidance 1, ε̂ = ε_c: the
         # unconditional half is never read, so never computed (nor its negative prompt encoded).
-        n = 1 if guidance == 1 else 2
+        B, n = len(prompts), 1 if guidance == 1 else 2
         with self.on_device(self.clip_l, self.clip_g):
             context, pooled = self.encode_prompt(prompts, subjects)
             neg_context, neg_pooled = self.encode_negative(negative_prompt if n == 2 else "", B, context, pooled)

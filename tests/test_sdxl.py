@@ -634,7 +634,8 @@ def test_one_image_is_bit_for_bit_the_image_the_one_image_pipeline_made(tiny, ca
 def test_a_batch_gives_every_image_the_one_it_gets_alone_eta_noise_included(tiny):
     """Three images, each with its own pseudo-word and concept, at η = 0.5: in one UNet batch they
     equal the images made one at a time (float32 rounding of batched kernels at most: 1/255); in
-    batches of two, the third is alone in its batch and equal bit for bit."""
+    batches of two, the third is alone in its batch and equal bit for bit; a batch_size larger
+    than N is one batch."""
     model = tiny[3]
     prompts, seeds, concepts = ["a woman reading", "a man surfing at dawn", "a woman in a red coat"], [3, 11, 3], ["woman", "man", "woman"]
     w_l, w_g = pseudo_words(3)
@@ -642,7 +643,9 @@ def test_a_batch_gives_every_image_the_one_it_gets_alone_eta_noise_included(tiny
     alone = [model.generate([prompts[i]], [seeds[i]], [(w_l[i], w_g[i], concepts[i])], **kwargs)[0] for i in range(3)]
     batch = model.generate(prompts, seeds, [(w_l, w_g, concepts)], **kwargs)
     in_twos = model.generate(prompts, seeds, [(w_l, w_g, concepts)], batch_size=2, **kwargs)
+    room_to_spare = model.generate(prompts, seeds, [(w_l, w_g, concepts)], batch_size=4, **kwargs)
     assert batch.shape == in_twos.shape == (3, 64, 64, 3)
+    np.testing.assert_array_equal(room_to_spare, batch)
     for i in range(3):
         assert np.abs(batch[i].astype(int) - alone[i]).max() <= 1, i
         assert np.abs(in_twos[i].astype(int) - alone[i]).max() <= 1, i
