@@ -61,7 +61,7 @@ never stops a run: unreadable or unannotated images are counted in one summary l
 start-up (`ImageFolder.summary`); an image that still fails to decode later is replaced by the
 next good one with a warning. `LatentCache` keeps VAE latents on disk.
 
-Read next: train.py (how a batch becomes the anchor / positive / negative triplets).
+Read next: train.py (the loop that feeds these batches to the step).
 """
 
 from __future__ import annotations
