@@ -59,6 +59,14 @@ TIME_IDS = ("data", "sampling")
 
 # -- the step's random numbers -------------------------------------------------------------------
 
+# The training timesteps t ~ U[T_MIN, T_MAX) (train.py's --t-min, --t-max). Below 200 (ᾱ > 0.75)
+# x_t already shows the face: x̂₀ is the image whatever the pseudo-word says, so the positive term
+# is trivially small and 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04),
+# x̂₀ = (x_t − √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by more than 5 (by 15 at t = 999): the
+# estimate is an amplified blur in which a face's identity is noise. In between, the pseudo-word
+# decides who appears and x̂₀ shows it.
+T_MIN, T_MAX = 200, 800
+
 
 @dataclass
 class StepNoise:

@@ -46,7 +46,7 @@ from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, l
 from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
-from step import TIME_IDS, TRIPLET_CHOICES, StepConfig, cocoins_step, draw_noise
+from step import T_MAX, T_MIN, TIME_IDS, TRIPLET_CHOICES, StepConfig, cocoins_step, draw_noise
 
 # What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
 # the same every time, so the grids of successive steps compare cell by cell. A trained f gives
@@ -117,14 +117,9 @@ def parse_args(argv=None):
     method.add_argument("--time-ids", choices=TIME_IDS, help=f"SDXL's size/crop conditioning in training: the image's own from the `data` (original size, crop offset, R, R), or what `sampling` passes (R, R, 0, 0, R, R) (default: {METHOD_DEFAULTS['time_ids']})")
     method.add_argument("--mapper-norm", choices=NORMS, help=f"f's output layer: `layernorm`, w = μ + σ⊙LayerNorm(Wh+b), or `none`, w = μ + σ⊙(Wh+b) (default: {METHOD_DEFAULTS['mapper_norm']})")
     method.add_argument("--mapper-gain", type=float, help=f"g, the LayerNorm output's spread in units of a real token's: w = μ + g·σ⊙LayerNorm(Wh+b) (default: {METHOD_DEFAULTS['mapper_gain']})")
-    # Timesteps t ~ U[t_min, t_max). Below 200 (ᾱ > 0.75) x_t already shows the face: x̂₀ is
-    # the image whatever the pseudo-word says, so the positive term is trivially small and
-    # 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04), x̂₀ = (x_t −
-    # √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by more than 5 (by 15 at t = 999): the
-    # estimate is an amplified blur in which a face's identity is noise. In between, the
-    # pseudo-word decides who appears and x̂₀ shows it.
-    p.add_argument("--t-min", type=int, default=200, help="smallest training timestep (inclusive)")
-    p.add_argument("--t-max", type=int, default=800, help="largest training timestep (exclusive, at most 1000)")
+    # (step.py says why the training timesteps lie in [200, 800))
+    p.add_argument("--t-min", type=int, default=T_MIN, help="smallest training timestep (inclusive)")
+    p.add_argument("--t-max", type=int, default=T_MAX, help="largest training timestep (exclusive, at most 1000)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a killed run loses at most this many; Ctrl-C or SIGTERM saves the current step)")
     p.add_argument("--sample-every", type=int, default=500, help=f"steps between sample grids in OUT/samples/ ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, {SAMPLE_STEPS} DDIM steps; 0 = never), at every multiple of it")
     p.add_argument("--seed", type=int, default=0, help="seed of f's initialisation, the codes, noises and timesteps, crops and captions")

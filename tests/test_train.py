@@ -639,8 +639,8 @@ import train
 world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 draw_noise, cocoins_step, seen = train.draw_noise, train.cocoins_step, []
 
-def rows_of_the_combined_draw(seed, rank, step, B, *rest):
-    n = draw_noise(seed, 0, step, B * world, *rest)
+def rows_of_the_combined_draw(seed, rank, k, B, *rest):
+    n = draw_noise(seed, 0, k, B * world, *rest)
     return step.StepNoise(*(x[rank::world] for x in (n.z1, n.z2, n.eps1, n.eps2, n.t)))
 
 def step_seeing_f(model, f, *args):
