@@ -137,6 +137,14 @@ def collate(items: list[dict]) -> dict:
 # Captions
 
 
+# The concept words of people: the paper's five subject words, in the order its evaluation
+# lists them (Portraits: "A [subject] is looking at the camera." for man, woman, boy, girl and
+# person). CelebA's attribute captions name the first two or the last; prepare_data.py's
+# --concept auto chooses among all five; sample.py looks for them when --concept is not given;
+# eval.py numbers its codes and seeds in this order, so the order is fixed.
+PEOPLE = ("man", "woman", "boy", "girl", "person")
+
+
 def concept_pattern(concept: str) -> re.Pattern:
     """The concept as a whole word, any case: "woman" matches "A woman's hat", not "womanly" or
     "superwoman"; a concept of several words ("teddy bear") matches them with any spacing."""

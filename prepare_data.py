@@ -41,6 +41,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 from model.errors import UserError
 
@@ -51,9 +52,6 @@ from model.errors import UserError
 DEFAULT_CAPTIONER = "llava-hf/llava-v1.6-mistral-7b-hf"
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
 DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
-
-# What --concept auto chooses from: the five subjects of the paper's evaluation prompts.
-AUTO_CONCEPTS = ("man", "woman", "boy", "girl", "person")
 
 # What the captioner is asked. Two different questions give two different descriptions of one
 # image (the paper's P1 and P2); both name the concept so the caption uses the word itself.
@@ -97,7 +95,7 @@ def choose_concept(caption: str, male: bool | None) -> str:
     """--concept auto for one image: boy or girl when the caption says so (CelebA's attributes
     cannot); otherwise CelebA's Male attribute where there is one (labelled by people, surer
     than a captioner's guess); otherwise the caption's man, woman or person; otherwise person."""
-    named = [w for w in AUTO_CONCEPTS if data.count_concept(caption, w)]
+    named = [w for w in data.PEOPLE if data.count_concept(caption, w)]  # --concept auto chooses among these
     for word in ("boy", "girl"):
         if word in named:
             return word
@@ -359,20 +357,14 @@ class Appender:
 # The command
 
 
-def setup_processes(device_name: str):
-    """(device, rank, world size); under torchrun, one process per GPU."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+def pick_device(name: str) -> torch.device:
+    """--device: auto is CUDA where there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device_name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+        raise UserError(f"--device {name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def main(argv=None):
@@ -384,12 +376,8 @@ def main(argv=None):
         raise UserError("--concept is empty; name what the images show (dog, teddy bear) or pass auto")
     folder = Folder(args.data)
     folder.check_lines()
-    device, rank, world = setup_processes(args.device)
-    try:
+    with cli.torchrun_processes(pick_device(args.device)) as (device, rank, world):
         run(args, folder, concept, device, rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args, folder: Folder, concept: str, device, rank: int, world: int):

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, labelled_grid, pick_device, pick_dtype
+from cli import (DTYPE_HELP, DTYPES, HelpFormatter, check_mapper_fits, default_workers, grid_info, labelled_grid,
+                 mapper_file, pick_device, pick_dtype, torchrun_processes)
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms
 from model import attention, clip, ddim, speed
@@ -180,13 +181,8 @@ def keep_method(args, saved_args: dict | None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
-    device, rank, world = setup_processes(args)
-    try:
-        with signals_stop_the_run():
-            train(args, argv, device, rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with torchrun_processes(pick_device(args.device)) as (device, rank, world), signals_stop_the_run():
+        train(args, argv, device, rank, world)
 
 
 def train(args, argv: list[str], device: torch.device, rank: int, world: int):
@@ -201,7 +197,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
         raise UserError(MISSING_WEIGHTS)
     # --init-mapper is read now (a few MB), so a wrong path fails before the big load; a resumed
     # run continues its own f instead.
-    init = load_mapper(init_mapper_file(args.init_mapper)) if args.init_mapper and state is None else None
+    init = load_mapper(mapper_file(args.init_mapper, "--init-mapper")) if args.init_mapper and state is None else None
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
     dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
@@ -284,20 +280,6 @@ def say(rank: int, message: str):
         tqdm.write(message, file=sys.stderr)
 
 
-def setup_processes(args):
-    """(device, rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = pick_device(args.device)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return device, rank, world
-
-
 def wrap_ddp(f: Mapper, device: torch.device, world: int):
     """DDP wraps f alone: it averages f's gradients over the ranks; every rank holds the frozen SDXL."""
     if world == 1:
@@ -356,20 +338,9 @@ def new_mapper(model: SDXL, args) -> Mapper:
     return Mapper(config, token_stats(model)).to(model.device).train()
 
 
-def init_mapper_file(path: str) -> str:
-    """--init-mapper: the file, or a run folder holding mapper.safetensors."""
-    file = os.path.join(path, "mapper.safetensors") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise UserError(f"--init-mapper {path}: no mapper there; pass a mapper.safetensors or a train.py run folder")
-    return file
-
-
 def start_from(init: Mapper, model: SDXL) -> Mapper:
     """A trained f to continue from, if it was made for text encoders of these widths."""
-    widths = (model.clip_l.config.width, model.clip_g.config.width)
-    if tuple(init.config.token_widths) != widths:
-        raise UserError(f"--init-mapper was trained for text encoders {tuple(init.config.token_widths)} wide, but "
-                        f"these weights' encoders are {widths} wide; start from a mapper trained on the same SDXL")
+    check_mapper_fits(init, model, "--init-mapper")
     return init.to(model.device).train().requires_grad_(True)
 
 

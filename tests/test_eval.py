@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
 from model import checkpoint, clip, mapper
 from model.errors import UserError
@@ -147,16 +148,16 @@ def scenes():
 
 def test_portraits_is_the_paper_template_for_the_five_subject_words():
     prompts = ev.load_prompt_set("portraits")
-    assert prompts == {s: [f"A {s} is looking at the camera."] for s in ev.SUBJECTS}
+    assert prompts == {s: [f"A {s} is looking at the camera."] for s in data.PEOPLE}
 
 
 def test_scenes_has_50_sentences_per_setting_and_subject_and_no_duplicates():
     records = scenes()
     assert len(records) == 1000
     settings = {"daily life", "professional environments", "cultural or recreational occasions", "outdoor activities"}
-    assert {r["setting"] for r in records} == settings and {r["subject"] for r in records} == set(ev.SUBJECTS)
+    assert {r["setting"] for r in records} == settings and {r["subject"] for r in records} == set(data.PEOPLE)
     for setting in settings:
-        for subject in ev.SUBJECTS:
+        for subject in data.PEOPLE:
             assert sum(r["setting"] == setting and r["subject"] == subject for r in records) == 50
     assert len({r["prompt"].lower() for r in records}) == 1000
 
@@ -165,7 +166,7 @@ def test_every_scene_names_its_subject_word_once_as_a_token_and_fits_77_tokens_w
     tokenizer = clip.Tokenizer.bundled(pad="eos")
     for r in scenes():
         ids = tokenizer.encode(r["prompt"])
-        for word in ev.SUBJECTS:
+        for word in data.PEOPLE:
             w = tokenizer.encode(word)
             hits = sum(ids[p:p + len(w)] == w for p in range(len(ids)))
             assert hits == (word == r["subject"]), (word, r["prompt"])
@@ -204,7 +205,7 @@ def test_plan_gives_every_image_its_own_seed_and_no_code_the_same_prompts_and_se
     jobs = ev.plan(prompts, codes=20, images_per_code=10)
     assert len(jobs) == 1000 and len({j.seed for j in jobs}) == 1000
     assert len({j.code for j in jobs}) == 100  # one code per identity, none shared across subject words
-    for subject in ev.SUBJECTS:  # 20 × 10 = each subject word's 200 prompts, each once
+    for subject in data.PEOPLE:  # 20 × 10 = each subject word's 200 prompts, each once
         assert sorted(j.prompt for j in jobs if j.subject == subject) == sorted(prompts[subject])
     first = [j for j in jobs if j.identity == "woman-code20"]
     assert len({j.prompt for j in first}) == 10  # an identity meets ten different scenes
@@ -256,7 +257,7 @@ def test_eval_writes_metrics_report_images_and_a_contact_sheet_per_subject_word(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["generated"] == 20  # 5 subject words × 2 codes × 2 images
     rows = metrics["rows"]
-    assert set(rows) == {"all", *ev.SUBJECTS} and rows["all"]["images"] == 20 and rows["woman"]["identities"] == 2
+    assert set(rows) == {"all", *data.PEOPLE} and rows["all"]["images"] == 20 and rows["woman"]["identities"] == 2
     # 64-px images from a random tiny SDXL hold no face: counted, listed, and no made-up Face Sim.
     assert rows["all"]["no_face"] == 20 and len(metrics["no_face_images"]) == 20
     assert rows["all"]["face_sim"] is None and rows["all"]["face_div"] is None  # NaN in JSON: null
@@ -267,7 +268,7 @@ def test_eval_writes_metrics_report_images_and_a_contact_sheet_per_subject_word(
     assert "20 of 20 images had no detectable face (dlib)" in report and "| woman | 4 | 4 | n/a |" in report
     prompts = json.loads((out / "images" / "prompts.json").read_text())
     assert prompts["woman-code2/000-seed4.png"] == "A woman is looking at the camera."
-    for subject in ev.SUBJECTS:
+    for subject in data.PEOPLE:
         with Image.open(out / f"contact_{subject}.png") as sheet:
             assert sheet.size == (2 * 128, 2 * 128)  # rows = codes, columns = images
 
