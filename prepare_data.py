@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import folders
 from model.errors import UserError
 
 # The paper's models, as transformers ships them: LLaVA-Next (Liu et al. 2024) for captions;
@@ -243,9 +244,9 @@ class Folder:
     """The image folder and this command's files in it (see the module docstring)."""
 
     def __init__(self, root: str):
-        layout = self.layout = data.find_layout(root, need_captions=False)
+        layout = self.layout = folders.find_layout(root, need_captions=False)
         self.images_dir, self.nested = layout.images, layout.nested
-        self.files = data.scan_images(layout.images, nested=layout.nested)  # {name: relative path}
+        self.files = folders.scan_images(layout.images, nested=layout.nested)  # {name: relative path}
         if not self.files:
             raise UserError(f"no images (jpg, jpeg, png, webp) in {layout.images}")
         self.captions_path = layout.captions or os.path.join(layout.root, "captions.jsonl")
@@ -253,7 +254,7 @@ class Folder:
         self.work = os.path.join(layout.root, ".prepare_data")
         self.male = {}  # CelebA's Male attribute by image, for --concept auto
         if layout.attributes:
-            names, index, table, _ = data.read_table(layout.attributes, np.int8)
+            names, index, table, _ = folders.read_table(layout.attributes, np.int8)
             if names and "Male" in names:
                 column = names.index("Male")
                 self.male = {stem: bool(table[row, column] > 0) for stem, row in index.items()}
@@ -263,10 +264,10 @@ class Folder:
         now, before any model loads, rather than after hours of captioning."""
         if self.layout.captions:
             names = self.read_lines(self.captions_path, "concept").keys()
-            data.check_captions_name_existing_images(self.layout, names, self.files)
+            folders.check_captions_name_existing_images(self.layout, names, self.files)
 
     def name(self, image: str) -> str:
-        return data._relative_stem(image) if self.nested else data._stem(image)
+        return folders.relative_stem(image) if self.nested else folders.file_stem(image)
 
     def mask_path(self, name: str) -> str:
         return os.path.join(self.masks_dir, name + ".png")

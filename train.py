@@ -22,7 +22,6 @@ Read next: sample.py (using the trained mapper).
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 from cli import (DTYPE_HELP, DTYPES, HelpFormatter, check_mapper_fits, default_workers, grid_info, labelled_grid,
                  mapper_file, pick_device, pick_dtype, torchrun_processes)
-from data import CelebA, DataConfig, LatentCache, collate
+from data import DataConfig, ImageFolder, LatentCache, collate, vae_fingerprint
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms
 from model import attention, clip, ddim, speed
 from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
@@ -200,7 +199,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     init = load_mapper(mapper_file(args.init_mapper, "--init-mapper")) if args.init_mapper and state is None else None
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
-    dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
+    dataset = ImageFolder(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
                                 seed=args.seed), caption_ok=concept_survives_truncation(clip.Tokenizer.bundled("eos")))
     say(rank, dataset.summary)
     steps_per_epoch = len(dataset) // world // args.batch_size
@@ -300,28 +299,15 @@ def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
     return model
 
 
-def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCache:
+def attach_latent_cache(dataset: ImageFolder, model: SDXL, args, dtype) -> LatentCache:
     # A latent is the VAE's mean (not a sample: the cached latent *is* the latent), scaled for the UNet.
     def encode(images):
         return model.vae.encode(images.to(model.device)).mode() * SCALING_FACTOR
 
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
-    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model)}", f"dtype={dtype}",
+    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model.vae)}", f"dtype={dtype}",
                                                     f"resolution={args.resolution}", "latent=mode*scaling_factor"])
     return dataset.cache
-
-
-def vae_fingerprint(model: SDXL) -> str:
-    """A hash of the tensors that make latents (the VAE encoder and quant_conv), for the cache key.
-
-    Content, not file names: the same VAE in either layout shares its latents, and a replaced
-    --vae or a fine-tune never reads another VAE's."""
-    h = hashlib.sha1()
-    for name, tensor in model.vae.state_dict().items():
-        if name.startswith(("encoder.", "quant_conv.")):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def token_stats(model: SDXL) -> list[tuple[Tensor, Tensor]]:
@@ -377,7 +363,7 @@ def concept_survives_truncation(tok):
     return ok
 
 
-def batches(dataset: CelebA, epoch: int, position: int, steps_per_epoch: int, args, rank: int, world: int,
+def batches(dataset: ImageFolder, epoch: int, position: int, steps_per_epoch: int, args, rank: int, world: int,
             device: torch.device):
     """(epoch, position, batch) from batch `position` of `epoch` on, epoch after epoch, without end."""
     while True:
@@ -388,7 +374,7 @@ def batches(dataset: CelebA, epoch: int, position: int, steps_per_epoch: int, ar
             position += 1
 
 
-def make_loader(dataset: CelebA, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
+def make_loader(dataset: ImageFolder, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
     """The batches of `epoch` from batch `position` on, this rank's shard (DistributedSampler)."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import step
 import train
 from losses import LossConfig, cocoins_loss
@@ -464,7 +465,7 @@ def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(ti
 
     data = tmp_path / "celeba"
     shutil.copytree(tiny.data, data)
-    original = train.CelebA.__init__
+    original = train.ImageFolder.__init__
 
     def then_vanish(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -473,7 +474,7 @@ def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(ti
 
     args = argv(tiny, tmp_path / "run")
     args[args.index("--data") + 1], args[args.index("--num-workers") + 1] = str(data), "1"
-    monkeypatch.setattr(train.CelebA, "__init__", then_vanish)
+    monkeypatch.setattr(train.ImageFolder, "__init__", then_vanish)
     with pytest.raises(UserError) as e:
         train.main(args)
     assert str(e.value).startswith("6 images in a row could not be read from") and "Traceback" not in str(e.value)
@@ -617,10 +618,10 @@ def test_step_noise_is_a_function_of_seed_rank_and_step():
 
 def test_vae_fingerprint_follows_the_weights_not_the_file_layout(tiny):
     single, folder = SDXL.load(tiny.weights), SDXL.load(tiny.folder)
-    assert train.vae_fingerprint(single) == train.vae_fingerprint(folder)
+    assert data.vae_fingerprint(single.vae) == data.vae_fingerprint(folder.vae)
     with torch.no_grad():
         single.vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
-    assert train.vae_fingerprint(single) != train.vae_fingerprint(folder)
+    assert data.vae_fingerprint(single.vae) != data.vae_fingerprint(folder.vae)
 
 
 # -- several processes -----------------------------------------------------------------------
