@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=8 train.py --data celeba/        # data-parallel over 8 GPUs
 
 This file is the loop: every step is step.py's `cocoins_step` (the method, eq. 5-9) on a batch
-from data.py, followed by AdamW on f alone; around it, the command line, the loader over epochs
-and torchrun ranks, checkpoints, the log, sample grids and stopping, in that order.
+from data.py, followed by AdamW on f alone. It reads top to bottom: the command line, the run,
+then what the run leans on (models and processes, the loader over epochs and torchrun ranks,
+checkpoints and the log, sample grids, stopping).
 
 A run folder (--out) holds:
     mapper.safetensors          the trained f, for `sample.py --mapper` (config + arguments as metadata)
