@@ -93,9 +93,10 @@ def hub_cache_dir() -> str:
     return os.path.expandvars(os.path.expanduser(cache))
 
 
-def _hub_snapshots(cache: str) -> list[str]:
-    """SDXL base snapshots in a hub cache, the one `refs/main` names (the latest download) first."""
-    repo = os.path.join(cache, HUB_REPO_FOLDER)
+def hub_snapshots(repo_folder: str = HUB_REPO_FOLDER) -> list[str]:
+    """A model's snapshots in the Hugging Face cache (SDXL base's unless told), the one `refs/main`
+    names (the latest download) first."""
+    repo = os.path.join(hub_cache_dir(), repo_folder)
     snapshots = sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
     try:
         with open(os.path.join(repo, "refs", "main")) as f:
@@ -114,7 +115,7 @@ def find_default_weights() -> str | None:
     local = os.path.join(WEIGHTS_DIR, OFFICIAL_FILENAME)
     if os.path.isfile(local):
         return local
-    for snapshot in _hub_snapshots(hub_cache_dir()):
+    for snapshot in hub_snapshots():
         single = os.path.join(snapshot, OFFICIAL_FILENAME)
         if os.path.isfile(single):  # isfile follows the cache's symlinks into blobs/
             return single
