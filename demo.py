@@ -21,36 +21,39 @@ import re
 import sys
 import tempfile
 
-from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
+from cli import DTYPE_HELP, DTYPES, HelpFormatter, check_size, grid_info, labelled_grid, pick_device, pick_dtype
 from model import ddim, mapper
 from model.errors import UserError
-from sample import DEFAULT_CONCEPTS, DEFAULT_MAPPER, mapper_file, seeds_from, subject_concepts, subjects_from_codes
+from data import PEOPLE
+from sample import choose_model, mapper_file, seeds_from, subject_concepts, subjects_from_codes
 
 # Each image costs a whole generation (about 1.5 s for SDXL on an H200, minutes on a CPU), and 24
 # SDXL images make a sheet of up to 24 megapixels: enough to compare codes, small enough to wait for.
 MAX_IMAGES = 24
 # What the page shows first: two codes of one person word in two scenes.
 EXAMPLE_CODES = "0, 1"
-EXAMPLE_PROMPTS = "a photo of a woman on a beach\na photo of a woman in a forest"
+EXAMPLE_PROMPTS = "a photo of a woman on the beach\na photo of a woman in the snow"  # words the toy model knows too
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: "
-                                                   "weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache)")
+                                                   "weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache, "
+                                                   "else the toy model in weights/toy/)")
     p.add_argument("--mapper", default=None, help="trained CoCoIns mapper: the file, or a train.py run folder "
-                                                  "(default: weights/mapper.safetensors in this project)")
+                                                  "(default: weights/mapper.safetensors in this project; with the "
+                                                  "toy model, its own)")
     p.add_argument("--concept", default=None, help="the concept word every code instantiates (default: the first of "
-                                                   "%s the first prompt names)" % "/".join(DEFAULT_CONCEPTS))
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 8")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 8")
+                                                   "%s the first prompt names)" % "/".join(PEOPLE))
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: 1024; "
+                                                            "the toy model's 64)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: 1024; "
+                                                             "the toy model's 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every network interface)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
-    args = p.parse_args(argv)
-    args.mapper = args.mapper or DEFAULT_MAPPER
-    return args
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def draw_grid(model, f, dtype, codes, concept, prompts, seed, steps, guidance, w
     for code, prompt in progress.tqdm([(code, prompt) for code in codes for prompt in prompts], desc="images",
                                       unit="images"):
         subjects = subjects_from_codes([code], [concept], f, model, dtype)
-        images.append(model.generate(prompt, seed, "", steps, guidance, 0.0, width, height, subjects, progress=True))
+        images.append(model.generate([prompt], [seed], subjects, "", steps, guidance, 0.0, width, height, progress=True)[0])
     return images
 
 
@@ -162,8 +165,8 @@ def build_page(model, f, dtype, args, gr):
             prompts = gr.Textbox(EXAMPLE_PROMPTS, label="prompts, one per line", lines=3, elem_id="prompts")
         with gr.Row():
             seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-            steps = gr.Number(30, label="steps", precision=0, elem_id="steps")
-            guidance = gr.Number(5.0, label="guidance", elem_id="guidance")
+            steps = gr.Number(args.steps, label="steps", precision=0, elem_id="steps")
+            guidance = gr.Number(args.guidance, label="guidance", elem_id="guidance")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         grid = gr.Image(label="grid", type="filepath", format="png", interactive=False, elem_id="grid")
         legend = gr.Markdown(elem_id="legend")
@@ -174,16 +177,15 @@ def build_page(model, f, dtype, args, gr):
 def main(argv=None):
     args = parse_args(argv)
     from model import speed
-    from model.checkpoint import MISSING_WEIGHTS, find_default_weights, load_mapper
-    from model.sdxl import SDXL, check_size
+    from model.checkpoint import load_mapper
+    from model.sdxl import SDXL
 
-    # Check what can be checked before spending a minute loading 7 GB.
+    # Check what can be checked before spending a minute loading 7 GB. Without SDXL, the toy model draws
+    # (sample.py's choice: its size, steps and guidance, said in one line).
+    weights, _ = choose_model(args)
     check_size(args.width, args.height)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    weights = args.weights or find_default_weights()
-    if weights is None:
-        raise UserError(MISSING_WEIGHTS)
     f = load_mapper(mapper_file(args.mapper))  # a few MB
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it never phones home
     try:

@@ -31,7 +31,12 @@ from data import PEOPLE
 from model import attention, checkpoint, ddim, export, speed
 from model.errors import UserError
 
-DEFAULT_MAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mapper.safetensors")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MAPPER = os.path.join(ROOT, "weights", "mapper.safetensors")
+# The toy model this project ships (toyworld/ship.py): what draws when no SDXL is on this machine.
+TOY_DIR = os.path.join(ROOT, "weights", "toy")
+# What a setting the user leaves out is, for SDXL (the toy model's own are in its manifest).
+SDXL_DEFAULTS = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0}
 
 
 def parse_args(argv=None):
@@ -43,14 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order; a word named twice goes before its occurrences in order (default: the words %s as the first prompt names them)" % "/".join(PEOPLE))
     p.add_argument("--seed", type=int, action="append", default=None, help="noise seed (repeat for several; default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds counting up from the first --seed")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 30; the toy model's 20)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 5; the toy model's 3)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 8 (SDXL was trained near 1024 x 1024 pixels in all)")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 8")
-    p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: 1024, as SDXL was trained near 1024 x 1024 pixels in all; the toy model's 64)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: 1024; the toy model's 64)")
+    p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache, else the toy model in weights/toy/)")
     p.add_argument("--vae", default=None, help="replacement VAE (file or diffusers folder), e.g. the fp16-fix VAE")
-    p.add_argument("--mapper", default=None, help="trained CoCoIns mapper: the file, or a train.py run folder (default: weights/mapper.safetensors in this project)")
+    p.add_argument("--mapper", default=None, help="trained CoCoIns mapper: the file, or a train.py run folder (default: weights/mapper.safetensors in this project; with the toy model, its own)")
     p.add_argument("--save-embedding", default=None, metavar="FILE.safetensors",
                    help="write each --code as an SDXL textual-inversion embedding (clip_l, clip_g) for diffusers, "
                         "AUTOMATIC1111/Forge and ComfyUI; {code} in the name stands for the code; needs only the "
@@ -70,9 +75,46 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay a recorded CUDA graph of the UNet step instead of launching its kernels one by one "
                         "(CUDA only, not with --offload; alone or with --compile)")
-    args = p.parse_args(argv)
-    args.mapper = args.mapper or DEFAULT_MAPPER
-    return args
+    return p.parse_args(argv)
+
+
+def toy_manifest() -> dict | None:
+    """The shipped toy model's manifest (weights/toy/manifest.json), or None where it is not there."""
+    path = os.path.join(TOY_DIR, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def toy_note(toy: dict) -> str:
+    """The one line that says the toy model draws, what it is, and how to get SDXL."""
+    s, w = toy["sampling"], toy["words"]
+    return (f"no SDXL weights found, so this draws with the toy model in weights/toy/ ({s['width']} x {s['height']} "
+            f"px people trained from scratch on a CPU; it knows {', '.join(w['concepts'])} in "
+            f"{', '.join(w['scenes'])}); for SDXL run `python weights/download.py` (6.9 GB) or pass --weights")
+
+
+def choose_model(args, say=True):
+    """The base model that draws: --weights, else SDXL found on this machine, else the shipped toy model
+    (said in one line). Fills in the mapper and the size, steps and guidance the user left out: the toy
+    model's own from its manifest, or SDXL's. Returns (weights, the toy manifest or None)."""
+    from model.checkpoint import MISSING_WEIGHTS, find_default_weights
+
+    weights, toy = args.weights or find_default_weights(), None
+    if weights is None:
+        toy = toy_manifest()
+        if toy is None:
+            raise UserError(MISSING_WEIGHTS)
+        weights = os.path.join(TOY_DIR, "base.safetensors")
+        if say:
+            print(toy_note(toy), file=sys.stderr)
+    for name, value in (toy["sampling"] if toy else SDXL_DEFAULTS).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.mapper is None:
+        args.mapper = os.path.join(TOY_DIR, "mapper.safetensors") if toy else DEFAULT_MAPPER
+    return weights, toy
 
 
 def seeds_from(args) -> list[int]:
@@ -203,10 +245,12 @@ def save_embeddings(args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    from model.checkpoint import MISSING_WEIGHTS, find_default_weights
     from model.sdxl import SDXL
 
     # What needs the mapper alone comes first, and needs no prompt and no SDXL.
+    if args.mapper is None and (args.info or args.save_embedding):
+        args.mapper = DEFAULT_MAPPER if os.path.isfile(DEFAULT_MAPPER) or toy_manifest() is None else (
+            os.path.join(TOY_DIR, "mapper.safetensors"))
     if args.info:
         print(export.format_info(export.read_mapper_info(mapper_file(args.mapper))))
         return
@@ -219,14 +263,12 @@ def main(argv=None):
         raise UserError("give a --prompt to draw (--save-embedding and --info need none)")
     if any(not p.strip() for p in prompts):
         raise UserError("every --prompt must be non-empty text")
+    weights, toy = choose_model(args)
     check_size(args.width, args.height)
     seeds = seeds_from(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
-    weights = args.weights or find_default_weights()
-    if weights is None:
-        raise UserError(MISSING_WEIGHTS)
     # Check what can be checked before spending a minute loading 7 GB.
     if args.cuda_graphs:
         speed.check_cuda_graphs(device, args.offload)
@@ -278,9 +320,12 @@ def main(argv=None):
                 cmd += ["--negative-prompt", args.negative_prompt]
             for c, s in zip(args.code, subjects or []):
                 cmd += ["--code", str(c), "--concept", s[2]]
-            # what else decides the pixels: the weights, the mapper, the precision
-            for flag, value in (("--weights", args.weights), ("--vae", args.vae),
-                                ("--mapper", args.mapper if args.code and args.mapper != DEFAULT_MAPPER else None)):
+            # what else decides the pixels: the weights (the toy model's too: another machine may have SDXL), the
+            # mapper, the precision
+            for flag, value in (("--weights", args.weights or (os.path.relpath(weights, ROOT) if toy else None)),
+                                ("--vae", args.vae),
+                                ("--mapper", os.path.relpath(args.mapper, ROOT) if toy and args.code else
+                                 args.mapper if args.code and args.mapper != DEFAULT_MAPPER else None)):
                 if value:
                     cmd += [flag, value]
             cmd += ["--dtype", str(dtype).replace("torch.", "")]

@@ -109,7 +109,7 @@ def test_fields_give_codes_prompts_and_the_concept_the_first_prompt_names():
 # (demo.py's flags, what its one error line says); each is found before Gradio or the weights load
 START_UP_MISTAKES = {
     "width_not_multiple_of_8": (["--width", 100], "multiples of 8"),
-    "no_mapper": (["--mapper", "no/mapper.safetensors"], "no trained mapper at no/mapper.safetensors"),
+    "no_mapper": (["--mapper", "no/mapper.safetensors"], "--mapper no/mapper.safetensors: no mapper there"),
     "mapper_is_not_a_mapper": (["--mapper", "WEIGHTS"], "is not a CoCoIns mapper checkpoint"),
 }
 
