@@ -147,7 +147,7 @@ class Scale:
 SCALES = {
     "full": Scale(),
     "smoke": Scale(
-        world_config=world.WorldConfig(identities=12, images_per_identity=2),
+        world_config=world.WorldConfig(identities=12, images_per_identity=2, named=6),
         base_config=base.BaseConfig(vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=4),
         judge_images=16, judge_steps=2, mapper_steps=2, mapper_batch=2, checkpoint_every=1,
         codes=2, seeds=1, scenes=("beach", "snow"), steps=2, mapper_seeds=2, footprint_pairs=2,
@@ -425,14 +425,36 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str, title: st
 # -- the steps -----------------------------------------------------------------------------------
 
 
+def file_digest(path: str) -> str:
+    """SHA-256 of a file: what a cached step that reads it is keyed by (a retrained file is a new file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Experiment:
-    def __init__(self, scale: Scale, work: str, figures: str, log=print):
+    """The steps, each cached in `work` under its settings: a rerun skips what exists, a changed setting redoes
+    exactly the steps that depend on it. `base_config` picks one of the experiment's base models (default: the
+    scale's); its files are named by what sets them apart (`base-seed0.safetensors`, `vae-seed0.safetensors`)."""
+
+    def __init__(self, scale: Scale, work: str, figures: str, log=print, base_config: base.BaseConfig | None = None):
         self.scale, self.work, self.figures, self.log = scale, work, figures, log
+        self.base_cfg = base_config or scale.base_config
         os.makedirs(work, exist_ok=True)
         os.makedirs(figures, exist_ok=True)
         self.data = os.path.join(work, "data")
-        self.weights = os.path.join(work, "base.safetensors")
-        self.timings: dict[str, float] = {}
+        # The mapper's CelebA: the unnamed people as small non-square files (world.export), or the world itself.
+        w = scale.world_config
+        self.mapper_data = os.path.join(work, "data-mapper") if (w.named or w.mapper_original[0]) else self.data
+        cfg = self.base_cfg
+        self.tag = f"seed{cfg.seed}" + (f"-ch{cfg.model_channels}" if cfg.model_channels != base.UNET.model_channels else "")
+        self.weights = os.path.join(work, f"base-{self.tag}.safetensors")
+        self.vae_path = os.path.join(work, f"vae-seed{cfg.seed}.safetensors")
+        self.judge_path = os.path.join(work, f"judge-seed{cfg.seed}.pt")
 
     def _cached(self, name: str, config: dict) -> dict | None:
         """The facts of a finished step whose config matches, else None."""
@@ -440,7 +462,8 @@ class Experiment:
         if os.path.isfile(path):
             with open(path) as f:
                 done = json.load(f)
-            if done.get("config") == config:
+            # (compared as JSON keeps it: a tuple comes back a list)
+            if done.get("config") == json.loads(json.dumps(config)):
                 return done
         return None
 
@@ -453,40 +476,46 @@ class Experiment:
 
     def make_world(self) -> dict:
         config = asdict(self.scale.world_config)
-        if (done := self._cached("world", config)) and os.path.isdir(self.data):
+        folders = list(dict.fromkeys([self.data, self.mapper_data]))
+        if (done := self._cached("world", config)) and all(os.path.isdir(f) for f in folders):
             return done
         t0 = time.time()
-        if os.path.isdir(self.data):
-            shutil.rmtree(self.data)
-        facts = world.export(self.data, self.scale.world_config)
+        for folder in folders:
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+        mapper_out = self.mapper_data if self.mapper_data != self.data else None
+        facts = world.export(self.data, self.scale.world_config, mapper_out)
         self.log(f"world: {facts['images']} images of {facts['identities']} people in {time.time() - t0:.0f} s")
         return self._done("world", config, {**facts, "seconds": round(time.time() - t0)})
 
     def vae_config(self) -> dict:
-        return {"world": asdict(self.scale.world_config), "vae": self.scale.base_config.vae_part()}
+        return {"world": asdict(self.scale.world_config), "vae": self.base_cfg.vae_part()}
 
     def base_config(self) -> dict:
-        return {"world": asdict(self.scale.world_config), "base": asdict(self.scale.base_config)}
+        return {"world": asdict(self.scale.world_config), "base": asdict(self.base_cfg)}
 
     def make_vae(self) -> tuple[AutoencoderKL, dict]:
         """The trained VAE, its own step: a changed UNet or text setting keeps it (and the judge)."""
-        path = os.path.join(self.work, "vae.safetensors")
-        if (done := self._cached("vae", self.vae_config())) and os.path.isfile(path):
+        name = os.path.basename(self.vae_path).split(".")[0]
+        if (done := self._cached(name, self.vae_config())) and os.path.isfile(self.vae_path):
             vae = AutoencoderKL(base.VAE)
-            vae.load_state_dict(load_file(path))
+            vae.load_state_dict(load_file(self.vae_path))
             return vae.eval(), done
-        vae, facts = base.make_vae(self.data, self.scale.base_config, self.log,
-                                   figure=os.path.join(self.figures, "vae_reconstructions.png"))
-        save_file(vae.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
-        return vae, self._done("vae", self.vae_config(), facts)
+        vae, facts = base.make_vae(self.data, self.base_cfg, self.log,
+                                   figure=os.path.join(self.figures, f"vae_reconstructions_seed{self.base_cfg.seed}.png"))
+        save_file(vae.state_dict(), self.vae_path + ".tmp")
+        os.replace(self.vae_path + ".tmp", self.vae_path)
+        facts.update(threads=torch.get_num_threads(), torch=torch.__version__)
+        return vae, self._done(name, self.vae_config(), facts)
 
     def make_base(self) -> dict:
         vae, vae_facts = self.make_vae()
-        if (done := self._cached("base", self.base_config())) and os.path.isfile(self.weights):
+        name = f"base-{self.tag}"
+        config = {**self.base_config(), "vae_sha256": file_digest(self.vae_path)}
+        if (done := self._cached(name, config)) and os.path.isfile(self.weights):
             return {**vae_facts, **done}
-        facts = base.train_base(self.data, self.weights, vae, self.scale.base_config, self.log)
-        return {**vae_facts, **self._done("base", self.base_config(), facts)}
+        facts = base.train_base(self.data, self.weights, vae, self.base_cfg, self.log, self.scale.world_config.name_rate)
+        return {**vae_facts, **self._done(name, config, facts)}
 
     def load_model(self) -> SDXL:
         return SDXL.load(self.weights)  # the project's own loader, as sample.py and train.py load it
@@ -494,11 +523,11 @@ class Experiment:
     def make_judge(self, model: SDXL) -> tuple[judge_lib.Judge, dict]:
         # The judge sees images through the VAE only, so it depends on the VAE step, not on the UNet.
         config = {"vae": self.vae_config(), "images": self.scale.judge_images, "steps": self.scale.judge_steps,
-                  "vae_mtime": os.path.getmtime(os.path.join(self.work, "vae.safetensors"))}
-        path = os.path.join(self.work, "judge.pt")
+                  "vae_sha256": file_digest(self.vae_path)}
+        name = os.path.basename(self.judge_path).split(".")[0]
         judge = judge_lib.Judge()
-        if (done := self._cached("judge", config)) and os.path.isfile(path):
-            judge.load_state_dict(torch.load(path, weights_only=True))
+        if (done := self._cached(name, config)) and os.path.isfile(self.judge_path):
+            judge.load_state_dict(torch.load(self.judge_path, weights_only=True))
             return judge.eval(), done
         t0 = time.time()
         n = self.scale.judge_images
@@ -506,13 +535,13 @@ class Experiment:
         held_images, held_labels = judge_lib.render_set(max(16, n // 6), seed=2)
         rec, held_rec = self.round_trip(model, images), self.round_trip(model, held_images)
         judge = judge_lib.train_judge(torch.cat([images, rec]), torch.cat([labels, labels]), self.scale.judge_steps, log=self.log)
-        torch.save(judge.state_dict(), path)
+        torch.save(judge.state_dict(), self.judge_path)
         facts = {"held_out_rendered": judge_lib.accuracy(judge, held_images, held_labels),
                  "held_out_through_vae": judge_lib.accuracy(judge, held_rec, held_labels),
                  "seconds": round(time.time() - t0)}
         self.log(f"judge: held-out accuracy {facts['held_out_rendered']['person']:.3f} (all seven factors, rendered), "
                  f"{facts['held_out_through_vae']['person']:.3f} (through the VAE)")
-        return judge, self._done("judge", config, facts)
+        return judge, self._done(name, config, facts)
 
     def footprints(self, model: SDXL) -> dict:
         """`factor_footprints` through this world's VAE, kept beside it."""
