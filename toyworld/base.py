@@ -123,6 +123,14 @@ def save_single_file(path: str, models: dict[str, torch.nn.Module]) -> None:
 # -- the world as tensors ------------------------------------------------------------------------
 
 
+def load_world_truth(folder: str) -> list[dict]:
+    """The truth of every image of an exported world (its person, scene, pose, name, time_ids, placement), in
+    file order."""
+    with open(os.path.join(folder, "truth.json")) as f:
+        truth = json.load(f)
+    return [truth[n] for n in sorted(truth)]
+
+
 def load_world(folder: str, masks: bool = False):
     """(images (N, 3, 64, 64) uint8, names, truth dicts[, masks (N, 1, 64, 64) float 0/1]) of an exported world."""
     with open(os.path.join(folder, "truth.json")) as f:

@@ -464,9 +464,8 @@ def export(out: str, cfg: WorldConfig = WorldConfig(), mapper_out: str | None = 
                 rows[folder]["identity_CelebA.txt"].append(f"{file} {person_id}")
                 # CelebA's partition file: the last image of each person is held out (1 = valid).
                 rows[folder]["list_eval_partition.txt"].append(f"{file} {1 if k == cfg.images_per_identity - 1 else 0}")
-            truth[file] = {"identity": person_id, **who.names(), "scene": SCENES[at.scene], "pose": POSES[at.pose]}
-            if separate or cfg.originals != "square":
-                truth[file].update(name=name, time_ids=time_ids, placement=asdict(at))
+            truth[file] = {"identity": person_id, **who.names(), "scene": SCENES[at.scene], "pose": POSES[at.pose],
+                           "name": name, "time_ids": time_ids, "placement": asdict(at)}
     for folder in folders:
         for fname, lines in rows[folder].items():
             with open(os.path.join(folder, fname), "w") as f:
