@@ -466,6 +466,19 @@ class ImageFolder(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def concepts(self) -> dict[str, int]:
+        """Concept word -> how many usable images name it, most common first (what a mapper records
+        it was trained on). The same word an item gets: captions.jsonl's, else the attribute row's."""
+        male = self.attribute_names.index("Male") if "Male" in self.attribute_names else None
+        counts = collections.Counter()
+        for _, _, captions, attr_row, _ in self.items:
+            if captions is not None:
+                counts[captions[1]] += 1
+            else:  # concept_from_attributes reads Male alone: only it is looked up (CelebA has 200,000 rows)
+                attrs = {} if male is None else {"Male": bool(self.attributes[attr_row, male] > 0)}
+                counts[concept_from_attributes(attrs)] += 1
+        return dict(counts.most_common())
+
     def __len__(self):
         return len(self.items)
 

@@ -3,6 +3,8 @@
     python sample.py --code 42 --prompt "a woman reading"
     python sample.py --code 42 --prompt "a woman reading" --prompt "a woman surfing" --num-images 4
     python sample.py --prompt "a lighthouse at dawn"                    # plain SDXL, no code
+    python sample.py --code 42 --save-embedding person42.safetensors    # code 42 for other SDXL tools
+    python sample.py --mapper runs/cocoins --info                       # what a mapper file is
 
 The same --code gives the same person in any prompt and on any seed. Every image is saved as a
 PNG carrying its full generation parameters as PNG text; several images also get a labelled contact
@@ -24,7 +26,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
-from model import attention, checkpoint, ddim, speed
+from model import attention, checkpoint, ddim, export, speed
 from model.errors import UserError
 
 # The concept words CoCoIns is trained on (data.py captions use them); with --code and no
@@ -35,7 +37,8 @@ DEFAULT_MAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weigh
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", help="text prompt (repeat for several); needed to draw, not for "
+                   "--save-embedding or --info")
     p.add_argument("--negative-prompt", default="", help="negative prompt; empty = SDXL base's zero conditioning")
     p.add_argument("--code", type=int, action="append", default=[], help="CoCoIns subject code (repeat for several subjects)")
     p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order; a word named twice goes before its occurrences in order (default: the words %s as the first prompt names them)" % "/".join(DEFAULT_CONCEPTS))
@@ -49,6 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="SDXL single .safetensors file or diffusers folder (default: weights/sd_xl_base_1.0.safetensors, else the Hugging Face cache)")
     p.add_argument("--vae", default=None, help="replacement VAE (file or diffusers folder), e.g. the fp16-fix VAE")
     p.add_argument("--mapper", default=None, help="trained CoCoIns mapper: the file, or a train.py run folder (default: weights/mapper.safetensors in this project)")
+    p.add_argument("--save-embedding", default=None, metavar="FILE.safetensors",
+                   help="write each --code as an SDXL textual-inversion embedding (clip_l, clip_g) for diffusers, "
+                        "AUTOMATIC1111/Forge and ComfyUI; {code} in the name stands for the code; needs only the "
+                        "mapper (draws too when --prompt is given)")
+    p.add_argument("--info", action="store_true",
+                   help="print what the --mapper file records (base model, concepts, training settings, steps, "
+                        "version) and exit")
     p.add_argument("--out", default="out", help="a .png file (one image) or a folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
@@ -179,13 +189,51 @@ def subjects_from_codes(codes, concepts, f, model, dtype):
     return subjects
 
 
+def embedding_concepts(args, path: str) -> list[str]:
+    """The concept word each exported code goes before: --concept, else the prompt's (found as for
+    drawing), else the words the mapper file records it was trained on."""
+    if args.prompt:
+        return subject_concepts(args, args.prompt)
+    if args.concept:
+        if len(args.concept) != len(args.code):
+            raise UserError(f"{len(args.code)} --code but {len(args.concept)} --concept given; give one concept per "
+                            f"code, or none")
+        return list(args.concept)
+    trained = export.read_mapper_info(path).concepts
+    if not trained:
+        raise UserError(f"{path} does not record the concept words it was trained on; name the word the "
+                        f"embedding goes before with --concept WORD")
+    return [", ".join(trained)] * len(args.code)
+
+
+def save_embeddings(args) -> None:
+    """--save-embedding: each code's two pseudo-words as an SDXL embedding file, from the mapper alone."""
+    if not args.code:
+        raise UserError("--save-embedding needs a --code (it writes one file per code)")
+    paths = export.embedding_paths(args.save_embedding, args.code)
+    path = mapper_file(args.mapper)
+    export.save_embeddings(path, args.code, embedding_concepts(args, path), paths)
+    for file in paths:
+        print(file)
+
+
 def main(argv=None):
     args = parse_args(argv)
     from model.checkpoint import MISSING_WEIGHTS, find_default_weights
     from model.sdxl import SDXL, check_size
 
+    # What needs the mapper alone comes first, and needs no prompt and no SDXL.
+    if args.info:
+        print(export.format_info(export.read_mapper_info(mapper_file(args.mapper))))
+        return
+    if args.save_embedding:
+        save_embeddings(args)
+        if not args.prompt:
+            return
     prompts = args.prompt
-    if not prompts or any(not p.strip() for p in prompts):
+    if not prompts:
+        raise UserError("give a --prompt to draw (--save-embedding and --info need none)")
+    if any(not p.strip() for p in prompts):
         raise UserError("every --prompt must be non-empty text")
     check_size(args.width, args.height)
     seeds = seeds_from(args)
@@ -206,6 +254,9 @@ def main(argv=None):
     f = None
     if args.code:
         f = checkpoint.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
+        warning = export.base_model_warning(mapper_file(args.mapper), weights)  # never a refusal
+        if warning:
+            print(warning, file=sys.stderr)
 
     names = [f"{i:03d}-seed{s}" + "".join(f"-code{c}" for c in args.code) + ".png"
              for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds)]

@@ -26,6 +26,7 @@ A run folder (--out) holds:
     state.pt                    everything --resume needs: f, AdamW, step, data position, RNG states
     log.jsonl                   one line of loss terms per step
     samples/step_XXXXXX.png     fixed codes (rows) in fixed prompts (columns), to watch consistency emerge
+    README.md                   the mapper's model card (Hugging Face Hub convention), with the newest grid
 Both checkpoint files are replaced atomically, every --checkpoint-every steps, at the end, and
 when Ctrl-C or SIGTERM stops the run. VAE latents are computed once and cached (--cache-dir),
 keyed by the VAE's weights.
@@ -59,7 +60,7 @@ from tqdm import tqdm
 from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, labelled_grid, pick_device, pick_dtype
 from data import CelebA, DataConfig, LatentCache, collate
 from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
-from model import attention, clip, ddim, speed
+from model import attention, clip, ddim, export, speed
 from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
 from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.sdxl import SDXL
@@ -344,6 +345,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
         raise UserError(f"{len(dataset)} usable images cannot fill one batch of {args.batch_size} on each of {world} "
                         f"processes; lower --batch-size")
 
+    base_model, concepts = export.base_model_identity(weights), dataset.concepts()  # what the mapper records
     say(rank, f"loading SDXL from {weights} on {device} ({str(dtype).replace('torch.', '')})")
     model = load_frozen_sdxl(args, weights, device, dtype)
     say(rank, f"VAE latents cached in {attach_latent_cache(dataset, model, args, dtype).dir}")
@@ -390,7 +392,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
                 log.write(step, numbers, terms.lambda_neg)
                 if step % args.checkpoint_every == 0 or step == args.steps:
                     if rank == 0:
-                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
+                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts)
                     last_checkpoint = step  # every rank knows it, for the NaN message
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 save_samples(model, f, args, step)
@@ -398,11 +400,13 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
         log.close()  # the progress bar ends before the line that says where the run stopped
         # Ctrl-C or SIGTERM: the steps done so far are kept, whether or not a checkpoint was due.
         if rank == 0 and step > 0 and step != last_checkpoint:
-            save_checkpoint(args.out, f, optimizer, step, epoch, position, args)
+            save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts)
         say(rank, stopped(argv, step))
         raise
     finally:
         log.close()
+    if rank == 0 and os.path.isfile(run_files(args.out)["mapper.safetensors"]):
+        export.write_model_card(args.out)  # again, with the grid of the last step
     say(rank, done(args))
 
 
@@ -621,9 +625,11 @@ def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]
     return state["step"], state["epoch"], state["position"], changed
 
 
-def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args):
-    """state.pt (all that --resume needs) and mapper.safetensors, each replaced atomically, with
-    the file mode the user's umask gives the rest of the run folder.
+def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args, base_model: dict,
+                    concepts: dict[str, int]):
+    """state.pt (all that --resume needs), mapper.safetensors (with what it is: model/export.py) and the
+    model card README.md, each replaced atomically, with the file mode the user's umask gives the rest
+    of the run folder.
 
     --resume reads only state.pt, which holds f too: a kill between the two renames leaves a
     mapper.safetensors one checkpoint older at worst, never a resume that mixes two steps."""
@@ -649,14 +655,8 @@ def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, posit
             os.unlink(tmp)
         raise
     mapper_path = run_files(out)["mapper.safetensors"]
-    save_mapper(mapper_path, f, metadata={"step": str(step), "training_args": json.dumps(vars(args))})
-    os.chmod(mapper_path, 0o666 & ~current_umask())  # save_mapper's temporary file was private (0600)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+    save_mapper(mapper_path, f, metadata=export.training_metadata(step, vars(args), base_model, concepts))
+    export.write_model_card(out)
 
 
 def rng_states() -> dict:

@@ -589,20 +589,34 @@ def save_mapper(path: str, mapper: Mapper, metadata: dict[str, str] | None = Non
     `metadata` (string values, e.g. the training arguments as JSON) is stored beside the config;
     the keys "format" and "mapper_config" are the mapper's own. The file is written to a temporary
     name in the same folder and renamed over `path`, so a killed process leaves the previous file
-    intact and never a partial one."""
+    intact and never a partial one (`write_atomically`)."""
     meta = {**(metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(asdict(mapper.config))}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mapper.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_atomically(path: str, write) -> None:
+    """`write(tmp)` writes the file at a temporary name in `path`'s folder; it is synced to disk, given
+    the mode the umask gives new files, and renamed over `path`. A killed process leaves the previous
+    file intact, never a partial one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mapper-", suffix=".safetensors.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def load_mapper(path: str, device="cpu") -> Mapper:

@@ -232,6 +232,32 @@ def test_captions_jsonl_wins_and_broken_lines_fall_back_to_attributes(tmp_path):
     assert ds[2]["concept"] == "man"
 
 
+def test_captions_jsonl_yields_every_pair_of_its_captions_in_both_orders_across_epochs(tmp_path):
+    make_celeba(tmp_path, n=1)
+    captions = ["a girl reading", "a girl in a park", "a smiling girl", "a girl with a kite"]
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "000001.jpg", "captions": captions, "concept": "girl"}) + "\n")
+    ds = dataset(tmp_path)
+    drawn = set()
+    for epoch in range(60):
+        ds.set_epoch(epoch)
+        drawn.add(ds[0]["captions"])
+    # Of the 12 ordered pairs of 4 captions, these 60 epochs (fixed by seed, epoch and image) draw all.
+    assert len(drawn) == 12
+
+
+def test_concepts_count_the_word_each_image_is_trained_with(tmp_path):
+    # What a mapper file records it was trained on: the same word every item carries, counted.
+    make_celeba(tmp_path, n=4, attrs={"000002.jpg": attr_values(), "000003.jpg": attr_values(Male=1)})
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "000001.jpg", "captions": ["a girl reading", "a girl in a park"],
+                            "concept": "girl"}) + "\n")
+    ds = dataset(tmp_path)
+    assert ds.concepts() == {"man": 2, "girl": 1, "woman": 1}
+    assert sorted(ds[i]["concept"] for i in range(len(ds))) == ["girl", "man", "man", "woman"]
+    assert list(ds.concepts()) == ["man", "girl", "woman"]  # most common first, ties in order of appearance
+
+
 def test_captions_failing_the_caption_test_are_dropped_before_training(tmp_path):
     make_celeba(tmp_path, n=2)
     lines = [{"image": "000001.jpg", "concept": "girl",
@@ -287,6 +313,28 @@ def test_random_crop_stays_inside_and_changes_with_epoch(tmp_path):
             assert item["time_ids"].tolist() == ds[i]["time_ids"].tolist()
             tops.append(top)
     assert len(set(tops)) > 3
+
+
+def test_a_given_mask_follows_the_random_crop_of_its_image(tmp_path):
+    # A 192 x 64 image, white on its subject (a stripe, columns 80..120) and black elsewhere, with the
+    # same stripe as its mask: whatever the random crop, the mask must cover the crop's white pixels.
+    pixels = np.zeros((64, 192, 3), np.uint8)
+    pixels[:, 80:120] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    os.makedirs(tmp_path / "masks")
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "masks" / "a.png")
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "captions": ["a dog", "the dog"], "concept": "dog"}) + "\n")
+    ds = dataset(tmp_path, crop="random", resolution=64)
+    lefts = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        lefts.add(int(item["time_ids"][3]))
+        white = (item["image"][0] + 1) / 2  # 1 on the subject's pixels of this crop
+        expected = torch.nn.functional.avg_pool2d(white[None, None], 8)[0, 0]  # their share of each latent cell
+        assert torch.allclose(item["mask"][0], expected, atol=0.02), (epoch, item["time_ids"])
+    assert len(lefts) >= 4  # the crop did move (a centred one starts at column 64)
 
 
 def test_landmark_ellipse_covers_eyes_and_mouth_not_the_corners(tmp_path):

@@ -119,6 +119,14 @@ def test_dlib_finds_the_same_face_in_shifted_scaled_and_brightened_copies(faces)
     assert ev.face_similarity([torch.stack(embeddings)]) > 0.9
 
 
+def test_dlib_finds_a_45_px_face_in_a_small_image_by_upsampling_it(faces):
+    """The crop at half size: a 45-px face, below the HOG detector's 80 px until the image is upsampled once."""
+    crop = astronaut_variants()[0]
+    small = np.asarray(Image.fromarray(crop).resize((160, 160), Image.BICUBIC))
+    e = faces(small)
+    assert e is not None and float(e @ faces(crop)) > 0.9  # and it is the same face
+
+
 def test_grey_noise_has_no_face(faces):
     assert faces(grey_noise(0)) is None and faces(grey_noise(1, 700)) is None
 
@@ -293,6 +301,41 @@ def test_clip_t_in_the_report_is_the_tiny_clip_cosine_of_each_image_and_its_prom
     assert portraits.result["rows"]["all"]["clip_t"] == pytest.approx(ev.clip_t(i, t_), abs=1e-6)
 
 
+def test_clip_t_pairs_each_scene_image_with_the_prompt_it_was_generated_from(tiny, monkeypatch):
+    """Scenes gives an identity's images different prompts: each image is scored against its own,
+    the one stored in its PNG when it was made, not a sibling's."""
+    import hashlib
+
+    from model import clip_vision
+
+    digest = lambda image: hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()  # noqa: E731
+    scored, embed = [], ev.clip_embeddings
+    monkeypatch.setattr(ev, "clip_embeddings", lambda model, images, prompts: (
+        scored.extend(zip(map(digest, images), prompts)), embed(model, images, prompts))[1])
+    out = tiny.root / "scenes"
+    result = ev.main(eval_args(tiny, out, "--set", "scenes", "--codes", 1))
+    model = ev.load_clip(tiny.clip, "cpu")
+    tokenizer = clip.Tokenizer.bundled(pad="eos")
+    made, own, sibling = [], [], []
+    for folder in sorted(p for p in (out / "images").iterdir() if p.is_dir()):
+        paths = sorted(folder.glob("*.png"))
+        images = [ev.read_rgb(p) for p in paths]
+        prompts = [json.loads(Image.open(p).text["parameters"])["prompt"] for p in paths]
+        assert len(paths) == 2 and prompts[0] != prompts[1]
+        made += zip(map(digest, images), prompts)
+        with torch.no_grad():
+            e_image = model.encode_image(torch.stack([clip_vision.clip_preprocess(x, model.vision_config.image_size)
+                                                      for x in images]))
+            e_text = model.encode_text(tokenizer(prompts))
+        cos = torch.nn.functional.cosine_similarity(e_image[:, None].double(), e_text[None].double(), dim=-1)
+        own += cos.diagonal().tolist()  # cos[i, j]: image i, prompt j
+        sibling += cos.flip(1).diagonal().tolist()
+    assert len(made) == 10 and sorted(scored) == sorted(made)  # every image went to CLIP with its own prompt
+    assert result["rows"]["all"]["clip_t"] == pytest.approx(np.mean(own), abs=1e-6)
+    # the tiny CLIP tells the two pairings apart, by over ten times the tolerance above (here by 2e-4)
+    assert abs(np.mean(own) - np.mean(sibling)) > 1e-5
+
+
 def test_a_rerun_generates_nothing_and_new_settings_generate_again(portraits, tiny, monkeypatch):
     before = {p: os.path.getmtime(p) for p in (portraits.out / "images").rglob("*.png")}
     ev.main(eval_args(tiny, portraits.out, "--set", "portraits"))
@@ -301,6 +344,32 @@ def test_a_rerun_generates_nothing_and_new_settings_generate_again(portraits, ti
     # One setting changed (guidance): every image is made again.
     ev.main(eval_args(tiny, portraits.out, "--set", "portraits", "--guidance", "1"))
     assert json.loads((portraits.out / "metrics.json").read_text())["settings"]["generated"] == 20
+
+
+def test_a_mapper_retrained_in_place_makes_its_images_again(tiny, tmp_path):
+    """A rerun keeps an image only if the mapper that made it is the one now at --mapper: the same
+    path with new weights (train.py writing over it) is another mapper, whose images are made anew."""
+    import shutil
+
+    path = str(tmp_path / "mapper.safetensors")
+    shutil.copy(ev.mapper_file(tiny.mapper), path)
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("A woman is looking at the camera.\n")
+    args = eval_args(tiny, tmp_path / "out", "--set", prompts, "--codes", 1) + ["--mapper", path]
+    ev.main(args)
+    images = sorted((tmp_path / "out" / "images").rglob("*.png"))
+    old = [ev.read_rgb(p) for p in images]
+    ev.main(args)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["generated"] == 0
+    f = checkpoint.load_mapper(path)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(torch.randn_like(p))
+    checkpoint.save_mapper(path, f)
+    ev.main(args)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["generated"] == 2
+    assert sorted((tmp_path / "out" / "images").rglob("*.png")) == images
+    assert all(np.abs(ev.read_rgb(p).astype(int) - o).max() > 10 for p, o in zip(images, old))  # the new mapper's
 
 
 def test_no_code_is_plain_sdxl_on_the_same_prompts_and_seeds(tiny):

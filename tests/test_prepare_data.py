@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -203,6 +204,64 @@ def test_prepare_data_writes_two_captions_naming_the_concept_and_a_mask_per_imag
                                     f"{folder}/captions.jsonl and {folder}/masks (3 made now); nothing skipped")
     left = [p for p in snapshot(folder) if p.endswith(".tmp") or p.startswith(".prepare_data/captions")]
     assert left == []
+
+
+# Grounded SAM with known answers: the detector's boxes and scores are given, and the segmenter
+# answers a box with exactly that box's pixels, so the test knows which mask each image must get.
+BOX_A, BOX_B = (8, 16, 24, 48), (40, 8, 56, 40)  # (x0, y0, x1, y1) in a 64 x 64 image
+
+
+class KnownBoxes:
+    """A Grounding DINO stand-in whose queries find `boxes` (pixel corners in a 64 x 64 image) with `scores`."""
+
+    def __init__(self, boxes, scores):
+        self.boxes = torch.tensor([[(x0 + x1) / 128, (y0 + y1) / 128, (x1 - x0) / 64, (y1 - y0) / 64]
+                                   for x0, y0, x1, y1 in boxes])  # centre and size, fractions of the image
+        self.logits = torch.logit(torch.tensor(scores))
+
+    def __call__(self, input_ids, **inputs):
+        B, L = input_ids.shape
+        logits = self.logits[None, :, None].expand(B, -1, L)  # every token, the query's score
+        return SimpleNamespace(logits=logits, pred_boxes=self.boxes[None].expand(B, -1, -1))
+
+
+def box_segmenter(pixel_values, input_boxes, multimask_output):
+    """A SAM stand-in: the mask of a box is the box (+10 inside, −10 outside, at the 64-px input size)."""
+    masks = torch.full((len(input_boxes), 1, 1, 64, 64), -10.0)
+    for b, (x0, y0, x1, y1) in enumerate(input_boxes[:, 0].round().long().tolist()):
+        masks[b, 0, 0, y0:y1, x0:x1] = 10.0
+    return SimpleNamespace(pred_masks=masks)
+
+
+def with_known_boxes(monkeypatch, boxes, scores):
+    class Known(prepare_data.Models):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.detector, self.segmenter = KnownBoxes(boxes, scores), box_segmenter
+
+    monkeypatch.setattr(prepare_data, "Models", Known)
+
+
+def box_mask(box):
+    x0, y0, x1, y1 = box
+    mask = np.zeros((64, 64), np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    return mask
+
+
+def test_prepare_data_writes_255_on_the_subject_and_0_elsewhere(models, tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "dogs", images={"rex.png": (64, 64)})
+    with_known_boxes(monkeypatch, [BOX_A], [0.9])
+    prepare_data.main(argv(folder, models))
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "masks" / "rex.png")), box_mask(BOX_A))
+
+
+def test_the_mask_is_of_the_most_confident_box(models, tmp_path, monkeypatch):
+    # A dog in the background (B, found first, less sure) and the dog of the picture (A): the mask is A's.
+    folder = make_folder(tmp_path / "dogs", images={"rex.png": (64, 64)})
+    with_known_boxes(monkeypatch, [BOX_B, BOX_A, BOX_B], [0.6, 0.9, 0.4])
+    prepare_data.main(argv(folder, models, threshold=0.3))
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "masks" / "rex.png")), box_mask(BOX_A))
 
 
 def test_data_py_reads_the_prepared_folder_with_its_concept(prepared):

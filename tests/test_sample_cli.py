@@ -18,11 +18,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from model.checkpoint import save_mapper
-from model.mapper import Mapper, MapperConfig, embedding_stats
 from model.sdxl import SDXL
 from tests.test_sdxl import FOREIGN
-from tests.tiny_sdxl import _randomize, save_tiny_sdxl
+from tests.tiny_sdxl import _randomize, save_tiny_mapper, save_tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -34,13 +32,7 @@ def tiny(tmp_path_factory):
     """(single file, diffusers folder, mapper file): a tiny SDXL and a random mapper for its encoders."""
     root = str(tmp_path_factory.mktemp("tiny_sdxl"))
     _, folder, single = save_tiny_sdxl(root)
-    model = SDXL.load(single)
-    stats = [embedding_stats(model.clip_l.text_model.embeddings.token_embedding.weight),
-             embedding_stats(model.clip_g.token_embedding.weight)]
-    config = MapperConfig(z_dim=16, depth=2, hidden=32, token_widths=tuple(m.numel() for m, _ in stats))
-    mapper = os.path.join(root, "mapper.safetensors")
-    save_mapper(mapper, Mapper(config, stats))
-    return single, folder, mapper
+    return single, folder, save_tiny_mapper(root, single)
 
 
 def run_sample(*args, env=None, code=None):

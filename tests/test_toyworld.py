@@ -56,6 +56,41 @@ def test_captions_name_the_scene_and_the_concept_word_once_and_attributes_only_s
     assert 0.15 * 200 < named_hair < 0.6 * 200  # some captions name the hair colour, most do not
 
 
+def false_attribute_phrases(who):
+    """Phrases a caption of `who` must never hold: another skin, hair colour, hair style, shirt
+    colour or pattern than the person's own, or glasses the person does not wear."""
+    f = who.names()
+    false = [world.SKIN_WORDS[s] for s in world.SKINS if s != f["skin"]]
+    false += [f"{c} hair" for c in world.HAIRS if c != f["hair"]]
+    false += [f"{s} hair" for s in ("short", "long") if s != f["style"]] + (["bun"] if f["style"] != "bun" else [])
+    false += [f"{c} shirt" for c in world.SHIRTS if c != f["shirt"]]
+    false += [f"{p} " for p in ("plain", "striped") if p != f["pattern"]]
+    false += ["glasses"] if f["glasses"] == "no" else []
+    return false
+
+
+def test_captions_name_only_attributes_the_person_has():
+    rng = random.Random(2)
+    people = world.draw_identities(300, rng)
+    named = {"glasses": 0, "hair": 0, "shirt": 0}
+    for who in people:
+        f = who.names()
+        for _ in range(3):
+            text = world.caption(world.GENDERS[who.gender], who, world.draw_placement(rng), rng)
+            # the skin word "brown-skinned" holds the hair colour "brown": compare whole words
+            words = " " + re.sub(r"brown-skinned", "brown_skinned", text) + " "
+            for phrase in false_attribute_phrases(who):
+                assert f" {phrase.replace('brown-skinned', 'brown_skinned')}" not in words, (phrase, f, text)
+            named["glasses"] += "glasses" in text
+            named["hair"] += f"{f['hair']} hair" in text
+            named["shirt"] += f"{f['shirt']} shirt" in text
+    # the true attributes are named, in some captions
+    assert all(n > 30 for n in named.values()), named
+    # and with every attribute asked for, a person wearing glasses gets them in the phrase
+    spectacled = next(p for p in people if p.names()["glasses"] == "yes")
+    assert "glasses" in world.describe("woman", spectacled.names(), rng, named=set(world.MENTION))
+
+
 def test_export_is_read_by_data_py_with_identity_labels(tmp_path):
     from data import CelebA, DataConfig
 
@@ -118,6 +153,18 @@ def test_score_on_known_readings():
     assert m["pair_div"] == pytest.approx(1 - sum(between) / 4, abs=1e-6)
 
 
+def test_face_sim_of_a_code_is_the_mean_over_all_its_image_pairs_not_its_first_two():
+    # One code of three images: the first two read as one person, the third as another. Its three
+    # pairs have cosines 1, 0, 0: Face Sim 1/3 (its first two images alone would give 1).
+    emb = torch.zeros(3, 24)
+    emb[0, 0] = emb[1, 0] = emb[2, 5] = 1
+    factors = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 0, 1, 0, 1]])
+    m = experiment.score({"embedding": emb, "factors": factors, "scene": torch.tensor([0, 0, 0])}, [[0, 1, 2]], [0, 0, 0])
+    assert m["face_sim"] == pytest.approx(1 / 3, abs=1e-9)
+    # and all seven factors agree in one of the three pairs (glasses, column 6, split the others)
+    assert m["identity_agreement"] == pytest.approx(1 / 3) and m["agree_glasses"] == pytest.approx(1 / 3)
+
+
 def test_every_ablation_row_is_a_train_py_flag_set():
     import train
 
@@ -134,6 +181,25 @@ def test_judge_reads_shapes():
     out = judge_lib.Judge().read(images)
     assert out["embedding"].shape == (8, 24) and out["factors"].shape == (8, 7) and out["scene"].shape == (8,)
     torch.testing.assert_close(out["embedding"].norm(dim=1), torch.ones(8))
+
+
+def test_judge_reads_the_most_likely_value_of_every_head():
+    # Heads that ignore the image (zero weights) and whose biases put the most likely value at a known
+    # place, the least likely elsewhere: the reading is the most likely one, the embedding their probabilities.
+    judge = judge_lib.Judge()
+    likeliest = {}
+    with torch.no_grad():
+        for k, (name, head) in enumerate(judge.heads.items()):
+            n = head.out_features
+            head.weight.zero_()
+            head.bias.copy_(torch.linspace(0, 1, n).roll(k % n))  # 1 (likeliest) at (n − 1 + k) mod n, 0 at k mod n
+            likeliest[name] = (n - 1 + k) % n
+    images, _ = judge_lib.render_set(3, seed=1)
+    out = judge.read(images)
+    assert out["scene"].tolist() == [likeliest["scene"]] * 3
+    assert out["factors"].tolist() == [[likeliest[f] for f in judge_lib.IDENTITY]] * 3
+    probs = torch.cat([judge.heads[f].bias.softmax(-1) for f in judge_lib.IDENTITY])
+    torch.testing.assert_close(out["embedding"], torch.nn.functional.normalize(probs, dim=0).expand(3, -1))
 
 
 def test_the_whole_experiment_runs_at_smoke_size(tmp_path):

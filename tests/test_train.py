@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import train
 from losses import LossConfig, cocoins_loss
-from model.checkpoint import read_metadata
+from model.checkpoint import current_umask, read_metadata
 from model.errors import UserError
 from model.ddim import add_noise, alpha_bars, x0_from_eps
 from model.checkpoint import load_mapper
@@ -124,6 +124,15 @@ def test_lambda_spread_reaches_the_loss_of_a_run_and_its_log(tiny, tmp_path):
         assert row["loss"] == pytest.approx(row["l_con"] + row["l_back"] + 2 * row["l_spread"], rel=1e-5)
 
 
+def test_beta_shapes_the_lambda_neg_ramp_of_a_run(tiny, tmp_path):
+    train.main(argv(tiny, tmp_path / "run", "--beta", 2, steps=2))
+    log = read_log(tmp_path / "run")
+    # λ_neg = γ·(k/K)^β with γ = 1e-2, K = 2, β = 2: a quarter of γ at step 1 (β = 1 would give half)
+    assert [row["lambda_neg"] for row in log] == pytest.approx([1e-2 / 4, 1e-2])
+    for row in log:
+        assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
+
+
 def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trained):
     path = os.path.join(trained.out, "mapper.safetensors")
     f = load_mapper(path)
@@ -156,6 +165,42 @@ def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(tiny, tmp_pat
     assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128
 
 
+def test_a_run_folder_says_what_its_mapper_is(trained, tiny, capsys):
+    from huggingface_hub import metadata_load
+
+    import sample
+    from model import __version__
+    from model.export import read_mapper_info
+
+    info = read_mapper_info(os.path.join(trained.out, "mapper.safetensors"))
+    weights = open(tiny.weights, "rb").read()
+    assert info.base_model == {"name": "tiny_sdxl.safetensors", "bytes": len(weights),
+                               "sha256": hashlib.sha256(weights).hexdigest()}
+    assert info.concepts == {"man": 6}  # make_celeba's six images are all Male
+    assert (info.step, info.training["steps"], info.version) == (3, 3, __version__) and info.lacks() == []
+    sample.main(["--mapper", trained.out, "--info"])  # the run folder, as sample.py --mapper takes it
+    text = " ".join(capsys.readouterr().out.split())
+    assert "steps done 3 of 3" in text and "concepts man (6 images)" in text and info.sha256 in text
+    # The model card: the Hub's YAML header, how to use the mapper, and no grid (--sample-every 0).
+    card = os.path.join(trained.out, "README.md")
+    assert metadata_load(card) == {"library_name": "cocoins", "pipeline_tag": "text-to-image",
+                                   "tags": ["cocoins", "stable-diffusion-xl", "text-to-image", "subject-consistency"]}
+    text = open(card).read()
+    assert f"python sample.py --mapper {trained.out} --code 42 --prompt 'a photo of a man'" in text
+    assert f"--mapper {trained.out} --code 42 --save-embedding user-42.safetensors" in text
+    assert "No sample grid yet" in text and info.sha256 in text
+
+
+def test_the_model_card_shows_the_newest_sample_grid(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SAMPLE_STEPS", 1)
+    out = tmp_path / "run"
+    # grids at steps 1 and 2; the one checkpoint (step 2) is written before step 2's grid is drawn
+    train.main(argv(tiny, out, "--sample-every", 1, steps=2))
+    assert sorted(os.listdir(out / "samples")) == ["step_000001.png", "step_000002.png"]
+    text = (out / "README.md").read_text()
+    assert "![codes in rows, prompts in columns](samples/step_000002.png)" in text and "step_000001" not in text
+
+
 def test_no_closing_grid_is_drawn_when_none_is_due(tiny, tmp_path, capsys):
     """--steps 3 --sample-every 5: no multiple of 5 is reached, so no grid (it would cost more than training)."""
     out = tmp_path / "run"
@@ -171,7 +216,8 @@ def test_the_closing_line_names_the_weights_to_sample_with(trained, tiny):
 
 def test_checkpoints_follow_the_umask_like_the_rest_of_the_run_folder(trained):
     mode = lambda name: os.stat(os.path.join(trained.out, name)).st_mode & 0o777  # noqa: E731
-    assert mode("mapper.safetensors") == mode("state.pt") == mode("log.jsonl") == 0o666 & ~train.current_umask()
+    assert mode("mapper.safetensors") == mode("state.pt") == mode("log.jsonl") == mode("README.md") == (
+        0o666 & ~current_umask())
 
 
 def test_sample_py_code_generates_with_the_trained_mapper(trained, tiny, tmp_path):

@@ -12,6 +12,7 @@ a projection, the real 49,408-token CLIP vocabulary and both padding conventions
     official names (each component's tests check those names independently against the
     official key list and against diffusers' own converters), so the four state dicts loaded
     from the diffusers folder are written back under the four official prefixes.
+`save_tiny_mapper(root, weights)` writes a random mapper for its text encoders.
 """
 
 import gzip
@@ -116,3 +117,19 @@ def save_tiny_sdxl(root, seed=0):
     path = os.path.join(root, "tiny_sdxl.safetensors")
     save_file(single, path)
     return pipe, folder, path
+
+
+def save_tiny_mapper(root, weights):
+    """A random, untrained CoCoIns mapper for the tiny SDXL at `weights`; returns its file. Untrained,
+    it still maps each code to its own pseudo-word: same code, same image; other code, other image."""
+    from model.checkpoint import save_mapper
+    from model.mapper import Mapper, MapperConfig, embedding_stats
+    from model.sdxl import SDXL
+
+    model = SDXL.load(weights)
+    stats = [embedding_stats(model.clip_l.text_model.embeddings.token_embedding.weight),
+             embedding_stats(model.clip_g.token_embedding.weight)]
+    config = MapperConfig(z_dim=16, depth=2, hidden=32, token_widths=tuple(m.numel() for m, _ in stats))
+    path = os.path.join(root, "mapper.safetensors")
+    save_mapper(path, Mapper(config, stats))
+    return path
