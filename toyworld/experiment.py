@@ -407,7 +407,7 @@ class Experiment:
                "--checkpoint-every", str(s.checkpoint_every), "--sample-every", "0", "--num-workers", "0",
                "--device", "cpu", "--seed", str(seed), *row.flags]
         done = os.path.join(run, "done.json")
-        identity = self.run_identity(cmd[2:])
+        identity = json.loads(json.dumps(self.run_identity(cmd[2:])))  # as done.json keeps it (tuples as lists)
         # A finished run with the same resolved settings (under any row name) is this row's run.
         for other in sorted(glob.glob(os.path.join(self.work, "runs", "*", "done.json"))):
             with open(other) as f:
