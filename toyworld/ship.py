@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import export
 from model.checkpoint import PREFIX, load_mapper, read_metadata
 from toyworld import experiment, judge as judge_lib, world
 
@@ -78,6 +79,20 @@ def draw(weights: str, mapper_path: str, scale: experiment.Scale) -> np.ndarray:
 
 def to_float16(tensors: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
     return {k: v.half() if k in names and v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def shipped_mapper_metadata(meta: dict, work: str, base_file: str) -> dict:
+    """The mapper file's own description, made true of the shipped files and free of this machine: the base
+    model it names is the shipped base.safetensors (the trained one, parts stored in float16), and the paths
+    train.py recorded are written relative to the experiment's work folder ("<work>/data-mapper")."""
+    meta = dict(meta)
+    settings = json.loads(meta[export.TRAINING_KEY])
+    for key in ("data", "weights", "out", "cache_dir"):
+        if settings.get(key):
+            settings[key] = os.path.join("<work>", os.path.relpath(settings[key], work))
+    meta[export.TRAINING_KEY] = json.dumps(settings)
+    meta[export.BASE_MODEL_KEY] = json.dumps(export.base_model_identity(base_file))
+    return meta
 
 
 def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
@@ -137,8 +152,8 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
     log(f"judge in float16: readings {'unchanged' if same else 'changed'} -> {precision['judge']}")
 
     files = {"base.safetensors": (base_sd, {"toyworld": "the toy world's base model (toyworld/ship.py)"}),
-             "mapper.safetensors": (mapper_sd, mapper_meta),
-             "judge.safetensors": (judge_sd, {"toyworld": "the toy world's judge (toyworld/judge.py)"})}
+             "judge.safetensors": (judge_sd, {"toyworld": "the toy world's judge (toyworld/judge.py)"}),
+             "mapper.safetensors": (mapper_sd, None)}
     command = "python -m toyworld.ship" + (f" --scale {scale_name}" if scale_name != "full" else "")
     manifest = {"command": command + f" --threads {torch.get_num_threads()}", "scale": scale_name,
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -148,6 +163,8 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
                 "base_facts": {k: v for k, v in base_facts.items() if k != "config"}, "files": {}}
     for name, (tensors, meta) in files.items():
         path = os.path.join(out, name)
+        if name == "mapper.safetensors":  # (after base.safetensors, which it names)
+            meta = shipped_mapper_metadata(mapper_meta, work, os.path.join(out, "base.safetensors"))
         save_file(tensors, path + ".tmp", metadata=meta)
         os.replace(path + ".tmp", path)
         manifest["files"][name] = {"sha256": experiment.file_digest(path), "bytes": os.path.getsize(path)}
