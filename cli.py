@@ -1,5 +1,6 @@
-"""What the commands (sample.py, train.py) share: device and dtype choice, --help's format, and
-labelled image grids.
+"""What the commands (sample.py, train.py, eval.py, prepare_data.py) share: device and dtype
+choice, torchrun's processes, --help's format, the mapper file a flag names, and labelled image
+grids.
 
 Not a chapter: nothing here is SDXL or CoCoIns. It keeps the commands from importing each other.
 """
@@ -7,9 +8,11 @@ Not a chapter: nothing here is SDXL or CoCoIns. It keeps the commands from impor
 import argparse
 import json
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
@@ -66,6 +69,48 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
                 native = torch.cuda.get_device_capability(device)[0] >= 8
         return torch.bfloat16 if native else torch.float16
     return getattr(torch, name)
+
+
+@contextmanager
+def torchrun_processes(device: torch.device):
+    """(device, rank, world size) for the block. Alone: (device, 0, 1). Under torchrun (WORLD_SIZE
+    > 1) each process joins the group, NCCL on GPUs with each process on its LOCAL_RANK GPU, gloo
+    on CPUs, and leaves it when the block ends."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    try:
+        yield device, rank, world
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mapper_file(path: str, flag: str = "--mapper", instead: str = "") -> str:
+    """--mapper (--init-mapper): the mapper file itself, or a train.py run folder holding mapper.safetensors."""
+    file = os.path.join(path, "mapper.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"{flag} {path}: no mapper there; train one with `python train.py --data celeba/` (it writes "
+                        f"runs/cocoins/mapper.safetensors) and pass that file or its run folder{instead}")
+    return file
+
+
+def check_mapper_fits(f, model, flag: str = "--mapper") -> None:
+    """A mapper makes pseudo-words as wide as the tokens of the encoders it was trained with."""
+    widths = (model.clip_l.config.width, model.clip_g.config.width)
+    if tuple(f.config.token_widths) != widths:
+        raise UserError(f"{flag} was trained for text encoders {tuple(f.config.token_widths)} wide, but these "
+                        f"weights' encoders are {widths} wide; use a mapper trained on the same SDXL")
+
+
+def check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise UserError(f"--width {width} --height {height}: both must be positive multiples of 8 (the VAE downsamples by 8), e.g. 1024")
 
 
 def labelled_grid(images: list[np.ndarray], row_labels: list[str], col_labels: list[str], title: str) -> Image.Image:

@@ -7,35 +7,11 @@ that both name the subject with one concept word (`woman`, `dog`), the subject m
 latent resolution, and the six numbers of SDXL's micro-conditioning. This file produces exactly
 that from the folders users have.
 
-Reading order: what a training item is (`collate` batches them); captions (captions.jsonl, or
-composed from CelebA's attributes); masks; geometry (resize and crop); the dataset; the latent
-cache; then the engineering: which folder layout `--data` holds, and damaged files.
-
-Folders (`--data FOLDER`):
-
-- **Any image folder**: jpg / jpeg / png / webp images, in subfolders too, with `captions.jsonl`
-  and `masks/` beside them (`prepare_data.py` writes both). An image `dogs/rex.jpg` is named
-  `"image": "dogs/rex.jpg"` in captions.jsonl and has its mask at `masks/dogs/rex.png`; the
-  concept is captions.jsonl's (`"concept": "dog"`).
-- **CelebA** (the first match in FOLDER, FOLDER/celeba, FOLDER/CelebA, FOLDER/CelebAMask-HQ,
-  FOLDER/CelebA-HQ wins; the summary line names it):
-  - the official release (Liu et al. 2015): `img_align_celeba/` (or `img_align_celeba_png/`)
-    and the annotation files `list_attr_celeba.txt`, `list_landmarks_align_celeba.txt`,
-    `list_eval_partition.txt`, either all flat or under `Img/`, `Anno/`, `Eval/`. torchvision's
-    `CelebA(root)` keeps the same files flat in `root/celeba/`; Kaggle's copy has `list_*.csv`
-    files and `img_align_celeba/img_align_celeba/`. Text tables: a count line, a header line of
-    column names, then `000001.jpg v1 v2 ...` (attributes are 1 / -1; landmarks are the five
-    aligned points `lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x
-    leftmouth_y rightmouth_x rightmouth_y`); `list_eval_partition.txt` has no header,
-    `000001.jpg 0` with 0 = train, 1 = valid, 2 = test. `identity_CelebA.txt` is not read: the
-    method needs no identity labels. Any of the tables may be missing when captions.jsonl and
-    masks/ stand in for them (the toy world exports exactly that).
-  - CelebA-HQ as shipped in CelebAMask-HQ (Karras et al. 2018; Lee et al. 2020):
-    `CelebA-HQ-img/N.jpg` (1024x1024), `CelebAMask-HQ-attribute-anno.txt` (CelebA's table
-    format; values 1 / -1, and 1 / 0 is read too: positive means > 0) and the hand-drawn
-    512x512 part masks `CelebAMask-HQ-mask-anno/{N // 2000}/{N:05d}_{part}.png`.
-  CelebA images are matched to annotation rows by file stem, so the PNG release reads the
-  `.jpg` tables.
+Reading order: the training item and the dataset that makes it (`ImageFolder`, and `collate`
+that batches items); captions (captions.jsonl, or composed from CelebA's attributes); masks;
+geometry (resize and crop); the latent cache. Which folder layout `--data` holds (CelebA's
+releases, CelebA-HQ, any image folder with captions.jsonl and masks/) and the checks of its files
+are folders.py's.
 
 Captions. A `captions.jsonl` in the dataset folder (or beside the image folder) wins, one
 JSON object per line:
@@ -55,21 +31,17 @@ R, R) with the original size of the file and the crop offsets in resized pixels.
 through the same crop and are area-averaged to R/8, so a mask value is the subject fraction
 of its latent cell.
 
-Mistakes in what the user wrote stop at start-up with one sentence (a folder without images, a
-captions.jsonl line for an image that is not there, a mask of the wrong size). Damaged data
-never stops a run: unreadable or unannotated images are counted in one summary line at
-start-up (`ImageFolder.summary`); an image that still fails to decode later is replaced by the
-next good one with a warning. `LatentCache` keeps VAE latents on disk.
+Damaged data never stops a run: unreadable or unannotated images are counted in one summary
+line at start-up (`ImageFolder.summary`); an image that still fails to decode later is replaced
+by the next good one with a warning. `LatentCache` keeps VAE latents on disk.
 
-Read next: train.py (how a batch becomes the anchor / positive / negative triplets).
+Read next: folders.py (which folder layout `--data` holds), then train.py.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import random
@@ -84,16 +56,15 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import folders
 from model.errors import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 PARTITIONS = {"train": 0, "valid": 1, "test": 2}
 
 
 @dataclass
 class DataConfig:
-    root: str  # --data: an image folder with captions.jsonl and masks/, or CelebA / CelebA-HQ in a layout above
+    root: str  # --data: an image folder with captions.jsonl and masks/, or CelebA / CelebA-HQ (folders.py)
     resolution: int = 1024  # training size R (SDXL's native 1024); latents and masks are R/8
     split: str = "all"  # all | train | valid | test (list_eval_partition.txt); the mapper needs no held-out faces
     crop: str = "center"  # center | random square crop after resizing the shorter side to R
@@ -101,7 +72,7 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# A training item
+# A training item, the dataset that makes it, and the batch
 #
 # The dataset yields one dict per image:
 #   key       str, the image path relative to the dataset folder (stable across runs)
@@ -112,6 +83,193 @@ class DataConfig:
 #   captions  (P1, P2), two different strings naming the subject with `concept`
 #   concept   str, the concept word (man, woman, person, or captions.jsonl's)
 #   time_ids  (6,) float32 = (orig_h, orig_w, crop_top, crop_left, R, R)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Training items (see "A training item" above) from any folder layout `folders.find_layout` knows.
+
+    Captions and random crops depend on (seed, epoch, key): call `set_epoch` before each
+    epoch's iterator is created (workers copy the dataset then; no persistent_workers)."""
+
+    def __init__(self, cfg: DataConfig, cache: LatentCache | None = None, caption_ok=None):
+        if cfg.resolution <= 0 or cfg.resolution % 8:
+            raise UserError(f"resolution {cfg.resolution} must be a positive multiple of 8 (latents are resolution/8)")
+        if cfg.crop not in ("center", "random"):
+            raise UserError(f"crop {cfg.crop!r} is not one of center, random")
+        if cfg.split != "all" and cfg.split not in PARTITIONS:
+            raise UserError(f"split {cfg.split!r} is not one of all, train, valid, test")
+        self.cfg, self.cache, self.epoch = cfg, cache, 0
+        layout = self.layout = folders.find_layout(cfg.root)
+        if cfg.split != "all" and layout.partition is None:
+            raise UserError(
+                f"split {cfg.split!r} needs CelebA's list_eval_partition.txt, which {layout.root} does not have; "
+                f"use split all"
+            )
+        files = folders.scan_images(layout.images, nested=layout.nested)
+        if not files and layout.nested:
+            raise UserError(f"no images (jpg, jpeg, png, webp) in {layout.images} or its subfolders")
+
+        # Caption sources: captions.jsonl first, the attribute table second.
+        jsonl, bad_jsonl = {}, set()
+        if layout.captions:
+            jsonl, bad_jsonl = read_captions(layout.captions, caption_ok, key=folders.relative_stem if layout.nested else None)
+            folders.check_captions_name_existing_images(layout, jsonl.keys() | bad_jsonl, files)
+        self.attribute_names, attr_index, self.attributes, bad_attrs = [], {}, None, set()
+        if layout.attributes:
+            names, attr_index, self.attributes, bad_attrs = folders.read_table(layout.attributes, np.int8)
+            self.attribute_names = names or []
+            # Values are 1 / -1 (CelebA, CelebAMask-HQ) or 1 / 0: anything else marks a broken row.
+            broken = [s for s, row in attr_index.items() if np.abs(self.attributes[row]).max(initial=0) > 1]
+            for stem in broken:
+                del attr_index[stem]
+                bad_attrs.add(stem)
+        # Mask sources: masks/ first, CelebAMask-HQ parts second, landmarks last.
+        landmark_index, self.landmarks = {}, None
+        if layout.landmarks:
+            columns, landmark_index, table, _ = folders.read_table(layout.landmarks, np.float32, width=len(LANDMARK_COLUMNS))
+            if columns and set(LANDMARK_COLUMNS) <= set(columns):
+                table = table[:, [columns.index(c) for c in LANDMARK_COLUMNS]]
+            self.landmarks = table
+        given_masks = folders.scan_images(layout.masks, nested=layout.nested) if layout.masks else {}
+        parts = folders.scan_parts(layout.parts, SUBJECT_PARTS) if layout.parts else {}
+
+        # Every image the folder or its caption annotations name, limited to the split.
+        named = set(files) | jsonl.keys() | attr_index.keys() | bad_jsonl | bad_attrs
+        if cfg.split != "all":
+            _, partition_index, partition, _ = folders.read_table(layout.partition, np.int8, width=1)
+            wanted = PARTITIONS[cfg.split]
+            named = {s for s in named if s in partition_index and partition[partition_index[s], 0] == wanted}
+
+        counts = {"missing": 0, "unreadable": 0, "without annotations": 0}
+        candidates, maskless = [], []  # maskless: images with captions but no mask source
+        for stem in sorted(named):
+            if stem not in files:
+                counts["missing"] += 1
+            elif (stem in jsonl or stem in attr_index) and (
+                stem in given_masks or stem in parts or stem in landmark_index or layout.hq
+            ):
+                candidates.append(stem)
+            else:
+                counts["without annotations"] += 1
+                if stem in jsonl or stem in attr_index:
+                    maskless.append(stem)
+        paths = [os.path.join(layout.images, files[s]) for s in candidates]
+        mask_paths = [os.path.join(layout.masks, given_masks[s]) if s in given_masks else None for s in candidates]
+        readable = folders.check_files(paths, mask_paths)
+        counts["unreadable"] = readable.count(False)
+
+        # One small record per usable image; attributes and landmarks stay rows of numpy tables.
+        self.items, caption_sources, mask_sources = [], collections.Counter(), collections.Counter()
+        for stem, path, mask_path, ok in zip(candidates, paths, mask_paths, readable):
+            if not ok:
+                continue
+            captions = jsonl.get(stem)  # else the attribute row composes them
+            caption_sources["captions.jsonl" if captions else "attributes"] += 1
+            if mask_path is not None:
+                mask = ("masks/", mask_path)
+            elif stem in parts:
+                mask = ("CelebAMask-HQ parts", parts[stem])
+            else:
+                mask = ("head ellipses", landmark_index.get(stem))
+            mask_sources[mask[0]] += 1
+            key = os.path.relpath(path, layout.root).replace(os.sep, "/")
+            self.items.append((key, path, captions, attr_index.get(stem), mask))
+
+        total, where = len(named), f"{layout.name} at {layout.root}"
+        reasons = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
+        if maskless and layout.nested:  # masks/ is an image folder's one mask source: say where it was looked for
+            reasons += f" ({folders.where_masks_go(layout, files[maskless[0]], given_masks)})"
+        if not self.items:
+            raise UserError(
+                f"nothing usable in {where} (split {cfg.split}: {reasons or 'no images'}); each image needs a readable "
+                f"file, captions (captions.jsonl or the attribute table) and a mask source (masks/, CelebAMask-HQ "
+                f"parts or landmarks)"
+            )
+        sources = lambda c: ", ".join(f"{n} from {src}" for src, n in sorted(c.items()))
+        skipped = total - len(self.items)
+        self.summary = (
+            f"{where}: {len(self.items)} images (split {cfg.split}; captions {sources(caption_sources)}; "
+            f"masks {sources(mask_sources)}); "
+            + (f"skipped {skipped} of {total} images: {reasons}" if skipped else "nothing skipped")
+        )
+        self._broken = set()  # indices that failed to load after start-up (per worker process)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def concepts(self) -> dict[str, int]:
+        """Concept word -> how many usable images name it, most common first (what a mapper records
+        it was trained on). The same word an item gets: captions.jsonl's, else the attribute row's."""
+        male = self.attribute_names.index("Male") if "Male" in self.attribute_names else None
+        counts = collections.Counter()
+        for _, _, captions, attr_row, _ in self.items:
+            if captions is not None:
+                counts[captions[1]] += 1
+            else:  # concept_from_attributes reads Male alone: only it is looked up (CelebA has 200,000 rows)
+                attrs = {} if male is None else {"Male": bool(self.attributes[attr_row, male] > 0)}
+                counts[concept_from_attributes(attrs)] += 1
+        return dict(counts.most_common())
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        # A file that passed the start-up check can still fail to decode (or vanish): use the
+        # next good image, so a long run never dies on one bad file.
+        for attempt in range(min(len(self.items), 64)):
+            i = (index + attempt) % len(self.items)
+            if i in self._broken:
+                continue
+            try:
+                return self._load(i)
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+                self._broken.add(i)
+                warnings.warn(f"skipping {self.items[i][1]}: it or its mask cannot be read ({e})", RuntimeWarning)
+        raise UserError(
+            f"{min(len(self.items), 64)} images in a row could not be read from {self.layout.images}; check the "
+            f"disk and the folder"
+        )
+
+    def _load(self, i: int) -> dict:
+        key, path, captions, attr_row, (mask_kind, mask_source) = self.items[i]
+        R, r = self.cfg.resolution, self.cfg.resolution // 8
+        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{key}")
+        item = {"key": key}
+        with Image.open(path) as im:
+            w, h = im.size  # from the header: a cached latent needs no decoding
+            crop = square_crop(h, w, R, rng if self.cfg.crop == "random" else None)
+            latent = None
+            if self.cache is not None:
+                item["cache_key"] = self.cache.key(key, path, R, crop)
+                latent = self.cache.load(item["cache_key"])
+            if latent is not None:
+                item["latent"] = latent
+            else:
+                pixels = np.asarray(im.convert("RGB").resize((R, R), Image.BICUBIC, box=crop.box), dtype=np.float32)
+                # x = pixel / 127.5 − 1 ∈ [−1, 1]
+                item["image"] = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
+
+        if mask_kind == "head ellipses":
+            landmarks = None if mask_source is None else self.landmarks[mask_source]
+            mask = ellipse_mask(head_ellipse(landmarks, h, w), crop, r)
+        else:
+            # A given mask or the subject parts: union of nonzero pixels, then the image's crop.
+            full = None
+            for mask_path in (mask_source,) if mask_kind == "masks/" else mask_source:
+                with Image.open(mask_path) as m:
+                    part = np.asarray(m.convert("L")) > 0
+                full = part if full is None else full | part
+            mask = resample_mask(full, crop, h, w, r)
+        item["mask"] = torch.from_numpy(mask)[None]
+
+        if captions is not None:
+            texts, concept = captions
+            item["captions"], item["concept"] = tuple(rng.sample(texts, 2)), concept
+        else:
+            attrs = {name: bool(v > 0) for name, v in zip(self.attribute_names, self.attributes[attr_row])}
+            item["captions"], item["concept"] = attribute_captions(attrs, rng)
+        item["time_ids"] = torch.tensor([h, w, crop.top, crop.left, R, R], dtype=torch.float32)
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -137,6 +295,14 @@ def collate(items: list[dict]) -> dict:
 # Captions
 
 
+# The concept words of people: the paper's five subject words, in the order its evaluation
+# lists them (Portraits: "A [subject] is looking at the camera." for man, woman, boy, girl and
+# person). CelebA's attribute captions name the first two or the last; prepare_data.py's
+# --concept auto chooses among all five; sample.py looks for them when --concept is not given;
+# eval.py numbers its codes and seeds in this order, so the order is fixed.
+PEOPLE = ("man", "woman", "boy", "girl", "person")
+
+
 def concept_pattern(concept: str) -> re.Pattern:
     """The concept as a whole word, any case: "woman" matches "A woman's hat", not "womanly" or
     "superwoman"; a concept of several words ("teddy bear") matches them with any spacing."""
@@ -157,7 +323,7 @@ def read_captions(path: str, caption_ok=None, key=None):
     stem by default: CelebA's flat folders). `caption_ok(caption, concept) -> bool`, when given,
     is a further test a caption must pass (train.py checks with the tokenizer that the concept
     word survives truncation to 77 tokens)."""
-    key = key or _stem
+    key = key or folders.file_stem
     good, bad = {}, set()
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -355,196 +521,6 @@ def square_crop(h: int, w: int, R: int, rng: random.Random | None = None) -> Cro
 
 
 # ----------------------------------------------------------------------------------------------
-# The dataset
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Training items (see "A training item" above) from any folder layout `find_layout` knows.
-
-    Captions and random crops depend on (seed, epoch, key): call `set_epoch` before each
-    epoch's iterator is created (workers copy the dataset then; no persistent_workers)."""
-
-    def __init__(self, cfg: DataConfig, cache: LatentCache | None = None, caption_ok=None):
-        if cfg.resolution <= 0 or cfg.resolution % 8:
-            raise UserError(f"resolution {cfg.resolution} must be a positive multiple of 8 (latents are resolution/8)")
-        if cfg.crop not in ("center", "random"):
-            raise UserError(f"crop {cfg.crop!r} is not one of center, random")
-        if cfg.split != "all" and cfg.split not in PARTITIONS:
-            raise UserError(f"split {cfg.split!r} is not one of all, train, valid, test")
-        self.cfg, self.cache, self.epoch = cfg, cache, 0
-        layout = self.layout = find_layout(cfg.root)
-        if cfg.split != "all" and layout.partition is None:
-            raise UserError(
-                f"split {cfg.split!r} needs CelebA's list_eval_partition.txt, which {layout.root} does not have; "
-                f"use split all"
-            )
-        files = scan_images(layout.images, nested=layout.nested)
-        if not files and layout.nested:
-            raise UserError(f"no images (jpg, jpeg, png, webp) in {layout.images} or its subfolders")
-
-        # Caption sources: captions.jsonl first, the attribute table second.
-        jsonl, bad_jsonl = {}, set()
-        if layout.captions:
-            jsonl, bad_jsonl = read_captions(layout.captions, caption_ok, key=_relative_stem if layout.nested else None)
-            check_captions_name_existing_images(layout, jsonl.keys() | bad_jsonl, files)
-        self.attribute_names, attr_index, self.attributes, bad_attrs = [], {}, None, set()
-        if layout.attributes:
-            names, attr_index, self.attributes, bad_attrs = read_table(layout.attributes, np.int8)
-            self.attribute_names = names or []
-            # Values are 1 / -1 (CelebA, CelebAMask-HQ) or 1 / 0: anything else marks a broken row.
-            broken = [s for s, row in attr_index.items() if np.abs(self.attributes[row]).max(initial=0) > 1]
-            for stem in broken:
-                del attr_index[stem]
-                bad_attrs.add(stem)
-        # Mask sources: masks/ first, CelebAMask-HQ parts second, landmarks last.
-        landmark_index, self.landmarks = {}, None
-        if layout.landmarks:
-            columns, landmark_index, table, _ = read_table(layout.landmarks, np.float32, width=len(LANDMARK_COLUMNS))
-            if columns and set(LANDMARK_COLUMNS) <= set(columns):
-                table = table[:, [columns.index(c) for c in LANDMARK_COLUMNS]]
-            self.landmarks = table
-        given_masks = scan_images(layout.masks, nested=layout.nested) if layout.masks else {}
-        parts = scan_parts(layout.parts) if layout.parts else {}
-
-        # Every image the folder or its caption annotations name, limited to the split.
-        named = set(files) | jsonl.keys() | attr_index.keys() | bad_jsonl | bad_attrs
-        if cfg.split != "all":
-            _, partition_index, partition, _ = read_table(layout.partition, np.int8, width=1)
-            wanted = PARTITIONS[cfg.split]
-            named = {s for s in named if s in partition_index and partition[partition_index[s], 0] == wanted}
-
-        counts = {"missing": 0, "unreadable": 0, "without annotations": 0}
-        candidates = []
-        for stem in sorted(named):
-            if stem not in files:
-                counts["missing"] += 1
-            elif (stem in jsonl or stem in attr_index) and (
-                stem in given_masks or stem in parts or stem in landmark_index or layout.hq
-            ):
-                candidates.append(stem)
-            else:
-                counts["without annotations"] += 1
-        paths = [os.path.join(layout.images, files[s]) for s in candidates]
-        mask_paths = [os.path.join(layout.masks, given_masks[s]) if s in given_masks else None for s in candidates]
-        readable = check_files(paths, mask_paths)
-        counts["unreadable"] = readable.count(False)
-
-        # One small record per usable image; attributes and landmarks stay rows of numpy tables.
-        self.items, caption_sources, mask_sources = [], collections.Counter(), collections.Counter()
-        for stem, path, mask_path, ok in zip(candidates, paths, mask_paths, readable):
-            if not ok:
-                continue
-            captions = jsonl.get(stem)  # else the attribute row composes them
-            caption_sources["captions.jsonl" if captions else "attributes"] += 1
-            if mask_path is not None:
-                mask = ("masks/", mask_path)
-            elif stem in parts:
-                mask = ("CelebAMask-HQ parts", parts[stem])
-            else:
-                mask = ("head ellipses", landmark_index.get(stem))
-            mask_sources[mask[0]] += 1
-            key = os.path.relpath(path, layout.root).replace(os.sep, "/")
-            self.items.append((key, path, captions, attr_index.get(stem), mask))
-
-        total, where = len(named), f"{layout.name} at {layout.root}"
-        reasons = ", ".join(f"{n} {why}" for why, n in counts.items() if n)
-        if not self.items:
-            raise UserError(
-                f"nothing usable in {where} (split {cfg.split}: {reasons or 'no images'}); each image needs a readable "
-                f"file, captions (captions.jsonl or the attribute table) and a mask source (masks/, CelebAMask-HQ "
-                f"parts or landmarks)"
-            )
-        sources = lambda c: ", ".join(f"{n} from {src}" for src, n in sorted(c.items()))
-        skipped = total - len(self.items)
-        self.summary = (
-            f"{where}: {len(self.items)} images (split {cfg.split}; captions {sources(caption_sources)}; "
-            f"masks {sources(mask_sources)}); "
-            + (f"skipped {skipped} of {total} images: {reasons}" if skipped else "nothing skipped")
-        )
-        self._broken = set()  # indices that failed to load after start-up (per worker process)
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def concepts(self) -> dict[str, int]:
-        """Concept word -> how many usable images name it, most common first (what a mapper records
-        it was trained on). The same word an item gets: captions.jsonl's, else the attribute row's."""
-        male = self.attribute_names.index("Male") if "Male" in self.attribute_names else None
-        counts = collections.Counter()
-        for _, _, captions, attr_row, _ in self.items:
-            if captions is not None:
-                counts[captions[1]] += 1
-            else:  # concept_from_attributes reads Male alone: only it is looked up (CelebA has 200,000 rows)
-                attrs = {} if male is None else {"Male": bool(self.attributes[attr_row, male] > 0)}
-                counts[concept_from_attributes(attrs)] += 1
-        return dict(counts.most_common())
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        # A file that passed the start-up check can still fail to decode (or vanish): use the
-        # next good image, so a long run never dies on one bad file.
-        for attempt in range(min(len(self.items), 64)):
-            i = (index + attempt) % len(self.items)
-            if i in self._broken:
-                continue
-            try:
-                return self._load(i)
-            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-                self._broken.add(i)
-                warnings.warn(f"skipping {self.items[i][1]}: it or its mask cannot be read ({e})", RuntimeWarning)
-        raise UserError(
-            f"{min(len(self.items), 64)} images in a row could not be read from {self.layout.images}; check the "
-            f"disk and the folder"
-        )
-
-    def _load(self, i: int) -> dict:
-        key, path, captions, attr_row, (mask_kind, mask_source) = self.items[i]
-        R, r = self.cfg.resolution, self.cfg.resolution // 8
-        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{key}")
-        item = {"key": key}
-        with Image.open(path) as im:
-            w, h = im.size  # from the header: a cached latent needs no decoding
-            crop = square_crop(h, w, R, rng if self.cfg.crop == "random" else None)
-            latent = None
-            if self.cache is not None:
-                item["cache_key"] = self.cache.key(key, path, R, crop)
-                latent = self.cache.load(item["cache_key"])
-            if latent is not None:
-                item["latent"] = latent
-            else:
-                pixels = np.asarray(im.convert("RGB").resize((R, R), Image.BICUBIC, box=crop.box), dtype=np.float32)
-                # x = pixel / 127.5 − 1 ∈ [−1, 1]
-                item["image"] = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
-
-        if mask_kind == "head ellipses":
-            landmarks = None if mask_source is None else self.landmarks[mask_source]
-            mask = ellipse_mask(head_ellipse(landmarks, h, w), crop, r)
-        else:
-            # A given mask or the subject parts: union of nonzero pixels, then the image's crop.
-            full = None
-            for mask_path in (mask_source,) if mask_kind == "masks/" else mask_source:
-                with Image.open(mask_path) as m:
-                    part = np.asarray(m.convert("L")) > 0
-                full = part if full is None else full | part
-            mask = resample_mask(full, crop, h, w, r)
-        item["mask"] = torch.from_numpy(mask)[None]
-
-        if captions is not None:
-            texts, concept = captions
-            item["captions"], item["concept"] = tuple(rng.sample(texts, 2)), concept
-        else:
-            attrs = {name: bool(v > 0) for name, v in zip(self.attribute_names, self.attributes[attr_row])}
-            item["captions"], item["concept"] = attribute_captions(attrs, rng)
-        item["time_ids"] = torch.tensor([h, w, crop.top, crop.left, R, R], dtype=torch.float32)
-        return item
-
-# The name train.py and the tests have always imported: CelebA was the first layout read.
-CelebA = ImageFolder
-
-
-# ----------------------------------------------------------------------------------------------
 # Latent cache
 
 
@@ -555,6 +531,19 @@ def _write_text(path, text):
 
 def _digest(*parts) -> str:
     return hashlib.sha1("\x00".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A hash of the tensors that make latents (the VAE encoder and quant_conv), for the cache key.
+
+    Content, not file names: the same VAE in either layout shares its latents, and a replaced
+    --vae or a fine-tune never reads another VAE's."""
+    h = hashlib.sha1()
+    for name, tensor in vae.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class LatentCache:
@@ -631,288 +620,3 @@ class LatentCache:
         return torch.stack(rows)
 
 
-# ----------------------------------------------------------------------------------------------
-# Which layout a folder holds
-
-
-@dataclass
-class Layout:
-    name: str  # for the summary line
-    root: str  # the dataset folder (annotation files, captions.jsonl, masks/ live here)
-    images: str  # the folder of image files
-    attributes: str | None
-    landmarks: str | None
-    partition: str | None
-    parts: str | None  # CelebAMask-HQ-mask-anno/
-    captions: str | None  # captions.jsonl
-    masks: str | None  # masks/
-    hq: bool = False  # CelebA-HQ: every image is the same aligned square, so its head ellipse needs no landmarks
-    nested: bool = False  # an image folder: images in subfolders too, named by their path without extension
-
-
-def _first_file(folders, names):
-    for folder in folders:
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _first_dir(folders, name):
-    for folder in folders:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            return path
-    return None
-
-
-def find_layout(folder: str, need_captions: bool = True) -> Layout:
-    """Detect which layout `folder` holds: a CelebA layout, else an image folder with captions.jsonl
-    (without it too when not `need_captions`: prepare_data.py writes it); one UserError saying what
-    is expected if neither."""
-    if not os.path.isdir(folder):
-        raise UserError(f"--data {folder} is not a folder")
-    candidates = [folder] + [os.path.join(folder, n) for n in ("celeba", "CelebA", "CelebAMask-HQ", "CelebA-HQ")]
-    for root in filter(os.path.isdir, candidates):
-        hq = os.path.join(root, "CelebA-HQ-img")
-        if os.path.isdir(hq):
-            beside = [root]
-            return Layout(
-                name="CelebA-HQ",
-                root=root,
-                images=hq,
-                attributes=_first_file(beside, ["CelebAMask-HQ-attribute-anno.txt"]),
-                landmarks=None,
-                partition=None,
-                parts=_first_dir(beside, "CelebAMask-HQ-mask-anno"),
-                captions=_first_file(beside, ["captions.jsonl"]),
-                masks=_first_dir(beside, "masks"),
-                hq=True,
-            )
-        for parent, style in ((root, "flat"), (os.path.join(root, "Img"), "Img/Anno/Eval")):
-            for images_name in ("img_align_celeba", "img_align_celeba_png"):
-                images = os.path.join(parent, images_name)
-                if not os.path.isdir(images):
-                    continue
-                kaggle = os.path.isdir(os.path.join(images, images_name))
-                if kaggle:
-                    # Kaggle's zip nests the folder in itself: img_align_celeba/img_align_celeba/.
-                    images = os.path.join(images, images_name)
-                name = "Kaggle CelebA" if kaggle else f"official CelebA ({style})"
-                if os.path.basename(root) == "celeba" and root != folder:
-                    name = "torchvision CelebA (celeba/)"
-                annotations = [root, os.path.join(root, "Anno"), os.path.join(root, "Eval")]
-                # captions.jsonl and masks/ sit beside the image folder, or in the dataset folder.
-                beside = list(dict.fromkeys([os.path.dirname(images), root]))
-                return Layout(
-                    name=name,
-                    root=root,
-                    images=images,
-                    attributes=_first_file(annotations, ["list_attr_celeba.txt", "list_attr_celeba.csv"]),
-                    landmarks=_first_file(
-                        annotations, ["list_landmarks_align_celeba.txt", "list_landmarks_align_celeba.csv"]
-                    ),
-                    partition=_first_file(annotations, ["list_eval_partition.txt", "list_eval_partition.csv"]),
-                    parts=None,
-                    captions=_first_file(beside, ["captions.jsonl"]),
-                    masks=_first_dir(beside, "masks"),
-                )
-    captions = os.path.join(folder, "captions.jsonl")
-    if os.path.isfile(captions) or (not need_captions and any_image(folder)):
-        return Layout(name="image folder", root=folder, images=folder, attributes=None, landmarks=None,
-                      partition=None, parts=None, captions=captions if os.path.isfile(captions) else None,
-                      masks=_first_dir([folder], "masks"), nested=True)
-    if not any_image(folder):
-        raise UserError(
-            f"no CelebA found in {folder} and no images (jpg, jpeg, png, webp) in it or its subfolders; point --data at "
-            f"a folder of images with captions.jsonl and masks/ beside them, or at CelebA (img_align_celeba/ with "
-            f"list_attr_celeba.txt and list_landmarks_align_celeba.txt, or CelebA-HQ-img/ with "
-            f"CelebAMask-HQ-attribute-anno.txt)"
-        )
-    raise UserError(
-        f"{folder} holds images but no captions.jsonl and no CelebA layout; write captions and masks for them with "
-        f"python prepare_data.py --data {folder} --concept WORD"
-    )
-
-
-def _stem(filename: str) -> str:
-    # os.path.splitext(os.path.basename(...)) at a quarter of the cost: 600k calls at start-up
-    base = filename[filename.rfind("/") + 1 :]
-    dot = base.rfind(".")
-    return base[:dot] if dot > 0 else base
-
-
-def _relative_stem(path: str) -> str:
-    """An image folder's name for `dogs/rex.jpg` (or `./dogs\\rex.jpg`): `dogs/rex`."""
-    path = os.path.normpath(path.replace("\\", "/")).replace(os.sep, "/")
-    dot, slash = path.rfind("."), path.rfind("/")
-    return path[:dot] if dot > slash + 1 else path
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def scan_images(folder: str, nested: bool = False) -> dict[str, str]:
-    """{name: path relative to `folder`} of its images: CelebA's flat folders by stem; with
-    `nested`, every subfolder too, by relative path without extension (`masks/` is not images)."""
-    if not nested:
-        with os.scandir(folder) as entries:
-            return {_stem(e.name): e.name for e in entries if _is_image(e.name) and e.is_file()}
-    found = {}
-    for parent, dirs, names in os.walk(folder):
-        if parent == folder:
-            dirs[:] = [d for d in dirs if d != "masks"]
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders (.cache, .git) hold no data
-        for name in names:
-            if _is_image(name):
-                relative = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
-                found[_relative_stem(relative)] = relative
-    return found
-
-
-def any_image(folder: str) -> bool:
-    for _, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(_is_image(n) for n in names):
-            return True
-    return False
-
-
-def scan_parts(folder):
-    """{stem of N.jpg: (paths of its subject part masks)} from CelebAMask-HQ-mask-anno/{k}/."""
-    found = {}
-    with os.scandir(folder) as shards:
-        for shard in shards:
-            if not shard.is_dir():
-                continue
-            with os.scandir(shard.path) as entries:
-                for e in entries:
-                    index, _, part = e.name[:-4].partition("_")
-                    if e.name.endswith(".png") and part in SUBJECT_PARTS and index.isdigit():
-                        found.setdefault(str(int(index)), []).append(e.path)
-    return {stem: tuple(sorted(paths)) for stem, paths in found.items()}
-
-
-def read_table(path: str, dtype, width: int | None = None):
-    """Read a CelebA annotation table -> (column names or None, {stem: row}, rows (N, K) array, bad stems).
-
-    Text tables may start with a count line and a header line of column names (attributes,
-    landmarks) or have neither (partition); Kaggle's .csv tables start with `image_id,...`.
-    A row with the wrong number of fields or a non-number is bad: its image counts as without
-    annotations. All values are converted by one numpy call (200k rows of 40 values would
-    take 300 MB as Python strings and seconds as 200k small arrays)."""
-    columns, stems, values, bad = None, [], [], set()
-    csv = path.endswith(".csv")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f):
-            fields = line.strip().split(",") if csv else line.split()
-            if not fields or fields == [""]:
-                continue
-            if n == 0 and len(fields) == 1 and fields[0].isdigit():
-                continue  # the count line
-            if not fields[0].lower().endswith(IMAGE_EXTENSIONS):
-                if columns is None and not stems:
-                    columns = fields[1:] if csv else fields  # csv headers name the image column too
-                continue
-            if width is None:
-                width = len(columns) if columns is not None else len(fields) - 1
-            if len(fields) != width + 1:
-                bad.add(_stem(fields[0]))
-                continue
-            stems.append(_stem(fields[0]))
-            values.append(" ".join(fields[1:]))
-    try:
-        table = np.loadtxt(io.StringIO("\n".join(values)), dtype=dtype, ndmin=2) if values else None
-    except ValueError:
-        # Some value is not a number: find its rows one by one (only for a damaged file).
-        parsed = {}
-        for stem, row in zip(stems, values):
-            try:
-                parsed[stem] = np.array(row.split(), dtype=dtype)
-            except ValueError:
-                bad.add(stem)
-        stems, table = list(parsed), np.stack(list(parsed.values())) if parsed else None
-    table = table if table is not None else np.zeros((0, width or 0), dtype=dtype)
-    index = {stem: k for k, stem in enumerate(stems)}
-    return columns, index, table, bad - index.keys()
-
-
-# ----------------------------------------------------------------------------------------------
-# What the user wrote, checked at start-up; damaged files
-
-
-def check_captions_name_existing_images(layout: Layout, named, files):
-    """A captions.jsonl line for an image that is not in the folder is a mistake (a typo, a moved
-    folder): one sentence, before any model loads, rather than a silently smaller dataset."""
-    absent = sorted(set(named) - files.keys())
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise UserError(
-            f"{layout.captions} has a line for {absent[0]}{more}, which is not an image in {layout.images}; "
-            f"fix or remove those lines, or put the images back"
-        )
-
-
-def check_files(paths: list[str], mask_paths: list[str | None]) -> list[bool]:
-    """Which images (and their masks/ masks) are readable; a mask whose size is not its image's
-    is a UserError naming it (a mask for another image, or one saved at another resolution,
-    would put the subject in the wrong place)."""
-
-    def check(path, mask_path):
-        if not image_is_readable(path):
-            return True, False
-        if mask_path is None:
-            return True, True
-        try:
-            with Image.open(path) as im, Image.open(mask_path) as m:
-                return im.size == m.size, True
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return True, False
-
-    # Threads overlap the small reads (file systems, network ones above all, are latency-bound);
-    # one task per chunk of files, as a task per file costs more than the check itself.
-    pairs = list(zip(paths, mask_paths))
-    chunks = [pairs[k : k + 512] for k in range(0, len(pairs), 512)]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        results = [r for chunk in pool.map(lambda c: [check(*p) for p in c], chunks) for r in chunk]
-    wrong = [k for k, (size_ok, _) in enumerate(results) if not size_ok]
-    if wrong:
-        k = wrong[0]
-        with Image.open(paths[k]) as im, Image.open(mask_paths[k]) as m:
-            (w, h), (mw, mh) = im.size, m.size
-        more = f" ({len(wrong)} masks differ from their images' sizes)" if len(wrong) > 1 else ""
-        raise UserError(f"mask {mask_paths[k]} is {mw}x{mh} but its image {paths[k]} is {w}x{h}{more}; a mask in masks/ "
-                        f"must have its image's size")
-    return [ok for _, ok in results]
-
-
-def image_is_readable(path: str) -> bool:
-    """True when `path` looks like a complete JPEG, PNG or WebP; decodes it only when in doubt.
-
-    Reading the first and last bytes catches missing, empty and truncated files (the usual
-    damage of an interrupted download or unzip) in two small reads, fast enough for 200k files
-    at start-up. A file without the end marker (trailing bytes, other formats) is decoded once."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - 32))
-            tail = f.read()
-    except OSError:
-        return False
-    # JPEG: FFD8FF ... FFD9 (FFD9 cannot occur inside the entropy-coded data); PNG: signature ... IEND.
-    if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" in tail:
-        return True
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and tail.endswith(b"IEND\xaeB`\x82"):
-        return True
-    # WebP: a RIFF container whose header states the file's length (a truncated copy is shorter).
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 == size:
-        return True
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return False

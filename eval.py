@@ -43,17 +43,16 @@ Read next: toyworld/world.py (the toy world, where these metrics watch CoCoIns t
 
 import argparse
 import functools
-import glob
 import importlib.util
 import itertools
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -61,7 +60,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import cli
-from model import attention, checkpoint, clip, clip_vision
+from data import PEOPLE, count_concept
+from model import attention, checkpoint, clip, clip_vision, speed
 from model.errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -203,18 +203,8 @@ MISSING_CLIP = ("no CLIP ViT-L/14 weights found for CLIP-T (looked for openai/cl
 
 def find_clip_weights() -> str | None:
     """model.safetensors of openai/clip-vit-large-patch14 in the Hugging Face cache, the snapshot
-    `refs/main` names first (as model/sdxl.py finds SDXL)."""
-    from model.checkpoint import hub_cache_dir
-
-    repo = os.path.join(hub_cache_dir(), CLIP_HUB_FOLDER)
-    snapshots = sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
-    try:
-        with open(os.path.join(repo, "refs", "main")) as f:
-            main = os.path.join(repo, "snapshots", f.read().strip())
-        snapshots.sort(key=lambda s: s != main)
-    except OSError:
-        pass
-    for snapshot in snapshots:
+    `refs/main` names first (as model/checkpoint.py finds SDXL)."""
+    for snapshot in checkpoint.hub_snapshots(CLIP_HUB_FOLDER):
         if os.path.isfile(os.path.join(snapshot, "model.safetensors")):
             return os.path.join(snapshot, "model.safetensors")
     return None
@@ -283,14 +273,8 @@ def dreamsim_embeddings(dreamsim_model, images: list[np.ndarray]) -> list[Tensor
 # Prompt sets (prompts/)
 # ----------------------------------------------------------------------------------------------
 
-SUBJECTS = ("man", "woman", "boy", "girl", "person")
 PROMPT_SETS = {"portraits": os.path.join(ROOT, "prompts", "portraits.txt"),
                "scenes": os.path.join(ROOT, "prompts", "scenes.jsonl")}
-
-
-def subject_count(prompt: str, word: str) -> int:
-    """How many times `word` appears as a whole word (so "woman" holds no "man")."""
-    return len(re.findall(rf"\b{word}\b", prompt.lower()))
 
 
 def load_prompt_set(name_or_path: str) -> dict[str, list[str]]:
@@ -313,17 +297,17 @@ def load_prompt_set(name_or_path: str) -> dict[str, list[str]]:
                 subject, prompt = record["subject"], record["prompt"]
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{where} is not a JSON object with \"subject\" and \"prompt\"") from None
-            if subject not in SUBJECTS:
-                raise UserError(f"{where}: subject {subject!r} is not one of {', '.join(SUBJECTS)}")
+            if subject not in PEOPLE:
+                raise UserError(f"{where}: subject {subject!r} is not one of {', '.join(PEOPLE)}")
         else:
             prompt = line
-            named = [s for s in SUBJECTS if subject_count(prompt, s)]
+            named = [s for s in PEOPLE if count_concept(prompt, s)]
             subject = named[0] if len(named) == 1 else None
             if subject is None:
-                raise UserError(f"{where} ({prompt!r}) must name exactly one subject word of {', '.join(SUBJECTS)}")
-        if subject_count(prompt, subject) != 1:
+                raise UserError(f"{where} ({prompt!r}) must name exactly one subject word of {', '.join(PEOPLE)}")
+        if count_concept(prompt, subject) != 1:
             raise UserError(f"{where} ({prompt!r}) must name its subject word {subject!r} exactly once")
-        others = [s for s in SUBJECTS if s != subject and subject_count(prompt, s)]
+        others = [s for s in PEOPLE if s != subject and count_concept(prompt, s)]
         if others:
             raise UserError(f"{where} ({prompt!r}) names {others[0]!r} besides its subject word {subject!r}")
         prompts.setdefault(subject, []).append(prompt)
@@ -347,7 +331,7 @@ class Job:
 
 
 def plan(prompts: dict[str, list[str]], codes: int, images_per_code: int, use_codes: bool = True) -> list[Job]:
-    """Every image of a set: subject word s (in SUBJECTS order), identity k < codes, image m.
+    """Every image of a set: subject word s (in data.PEOPLE's order), identity k < codes, image m.
 
     code = codes·s + k: one integer per identity, different across subject words;
     seed = (s·codes + k)·images_per_code + m: every image has its own noise, the same with or
@@ -356,7 +340,7 @@ def plan(prompts: dict[str, list[str]], codes: int, images_per_code: int, use_co
         spread over the whole list (Scenes: over all four settings), and the set's images cover
         every prompt before any repeats (20 × 10 = 200 = Scenes' 200 prompts per subject word)."""
     jobs = []
-    for s, subject in enumerate(w for w in SUBJECTS if w in prompts):
+    for s, subject in enumerate(w for w in PEOPLE if w in prompts):
         ps = prompts[subject]
         for k in range(codes):
             code = codes * s + k
@@ -370,37 +354,6 @@ def plan(prompts: dict[str, list[str]], codes: int, images_per_code: int, use_co
 # ----------------------------------------------------------------------------------------------
 # Generation: batched, resumable, split over torchrun processes
 # ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate_batch(model, prompts: list[str], seeds: list[int], subjects, steps: int, guidance: float,
-                   eta: float, width: int, height: int) -> np.ndarray:
-    """B images (B, H, W, 3) uint8 in one UNet batch, each the image `SDXL.generate` makes for its
-    prompt and seed alone: per-image CPU generators draw x_T and the η-noise exactly as one by one.
-
-    `subjects`: None, or [(w_l (B, D_l), w_g (B, D_g), concepts (B words))] (one pseudo-word per image)."""
-    from model import ddim
-
-    B = len(prompts)
-    context, pooled = model.encode_prompt(prompts, subjects)
-    # SDXL base's empty negative prompt: zero conditioning (model/sdxl.py, PITFALL there).
-    neg_context, neg_pooled = model.encode_negative("", B, context, pooled)
-    time_ids = model.time_ids(height, width, B, model.device)
-    cond = dict(context=torch.cat([context, neg_context]).to(model.dtype),
-                pooled=torch.cat([pooled, neg_pooled]).to(model.dtype), time_ids=torch.cat([time_ids, time_ids]))
-
-    def eps_fn(x_t, t):
-        if guidance == 1:  # ε̂ = ε_c: the unconditional half is never computed
-            return model.unet(x_t.to(model.dtype), t, cond["context"][:B], cond["pooled"][:B],
-                              cond["time_ids"][:B]).float(), None
-        eps_c, eps_u = model.unet(torch.cat([x_t, x_t]).to(model.dtype), torch.cat([t, t]), cond["context"],
-                                  cond["pooled"], cond["time_ids"]).float().chunk(2)
-        return eps_c, eps_u
-
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    x_T = ddim.randn((B, 4, height // 8, width // 8), generators, model.device, torch.float32)
-    x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generators)
-    return model.decode(x_0)
 
 
 def file_digest(path: str) -> str:
@@ -434,7 +387,7 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
     from model.sdxl import SDXL
 
     mine = jobs[rank::world]
-    mapper_sha = file_digest(mapper_file(args.mapper)) if any(job.code is not None for job in mine) else None
+    mapper_sha = file_digest(mapper_path(args)) if any(job.code is not None for job in mine) else None
     todo = []
     for job in mine:
         settings = image_settings(args, weights, str(dtype).replace("torch.", ""), mapper_sha, job)
@@ -443,15 +396,13 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
     if not todo:
         return 0
     model = SDXL.load(weights, device=device, dtype=dtype, vae_path=args.vae)
+    speed.save_memory(model.unet, model.vae)
     if args.compile:
-        model.compile(args.compile)
+        speed.compile(model, args.compile)
     f = None
     if mapper_sha is not None:
-        f = checkpoint.load_mapper(mapper_file(args.mapper), device=device)
-        widths = (model.clip_l.config.width, model.clip_g.config.width)
-        if tuple(f.config.token_widths) != widths:
-            raise UserError(f"--mapper was trained for text encoders of widths {tuple(f.config.token_widths)}, "
-                            f"but these weights have {widths}; use a mapper trained on this model")
+        f = checkpoint.load_mapper(mapper_path(args), device=device)
+        cli.check_mapper_fits(f, model)
     for n in tqdm(range(0, len(todo), args.batch_size), desc=f"generating (process {rank})" if world > 1 else "generating",
                   unit="batch", position=rank):
         batch = todo[n:n + args.batch_size]
@@ -460,9 +411,11 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
             # z_k from code k (model/mapper.py), then w = f(z): one pseudo-word pair per image.
             z = torch.stack([mapper.code_to_z(job.code, f.config.z_dim) for job, _ in batch]).to(device)
             w_l, w_g = f(z)
-            subjects = [(w_l.to(dtype), w_g.to(dtype), [job.subject for job, _ in batch])]
-        images = generate_batch(model, [j.prompt for j, _ in batch], [j.seed for j, _ in batch], subjects,
-                                args.steps, args.guidance, args.eta, args.width, args.height)
+            subjects = [(w_l, w_g, [job.subject for job, _ in batch])]
+        # A batch at a time, each image saved as soon as its batch is made: a stopped run keeps them.
+        images = model.generate([j.prompt for j, _ in batch], [j.seed for j, _ in batch], subjects, steps=args.steps,
+                                guidance=args.guidance, eta=args.eta, width=args.width, height=args.height,
+                                batch_size=args.batch_size)
         for (job, settings), img in zip(batch, images):
             path = os.path.join(images_dir, job.path)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -475,19 +428,13 @@ def generate(args, jobs: list[Job], images_dir: str, weights: str, device, dtype
     return len(todo)
 
 
+def mapper_path(args) -> str:
+    return cli.mapper_file(args.mapper, instead=" with --mapper, or use --no-code for plain SDXL")
+
+
 def write_prompts_json(images_dir: str, jobs: list[Job]) -> None:
     with open(os.path.join(images_dir, "prompts.json"), "w", encoding="utf-8") as f:
         json.dump({job.path: job.prompt for job in jobs}, f, indent=1)
-
-
-def mapper_file(path: str) -> str:
-    """--mapper: the file, or a train.py run folder holding mapper.safetensors (as sample.py)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "mapper.safetensors")):
-        return os.path.join(path, "mapper.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(f"no trained mapper at {path}; train one with `python train.py --data celeba/` and pass its "
-                        "run folder with --mapper, or use --no-code for plain SDXL")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +454,7 @@ class Identity:
 
 def subject_of(name: str) -> str | None:
     head = name.split("-")[0].lower()
-    return head if head in SUBJECTS else None
+    return head if head in PEOPLE else None
 
 
 def read_image_folder(folder: str) -> list[Identity]:
@@ -619,7 +566,7 @@ def score(identities: list[Identity], face_model, clip_model=None, dreamsim_mode
         return row
 
     result = {"all": metrics({i.name for i in identities})}
-    for subject in SUBJECTS:
+    for subject in PEOPLE:
         names = {i.name for i in identities if i.subject == subject}
         if names:
             result[subject] = metrics(names)
@@ -717,17 +664,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--dtype", default="auto", choices=cli.DTYPES, help=cli.DTYPE_HELP)
     p.add_argument("--attention", default="auto", choices=list(attention.BACKENDS), help="attention kernel")
-    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
+    p.add_argument("--compile", nargs="?", const="regional", default=None, choices=speed.COMPILE_MODES,
                    help="torch.compile the UNet (as sample.py)")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    """--device as sample.py chooses it (cli.py); under torchrun, `auto` takes this process's GPU LOCAL_RANK."""
-    device = cli.pick_device(name)
-    if name == "auto" and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def check_numbers(args) -> None:
@@ -738,19 +677,19 @@ def check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: use a positive whole number")
     if args.images_per_code < 2:
         raise UserError("--images-per-code 1 gives every identity a single image and Face Sim nothing to compare; use 2 or more")
-    if not 0 <= args.eta <= 1:
-        raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
-    if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
-        raise UserError(f"--steps {args.steps}: use at least 1 step and at most {ddim.T - ddim.STEPS_OFFSET}")
-    from model.sdxl import check_size
-
-    check_size(args.width, args.height)
+    ddim.check_steps(args.steps)
+    ddim.check_eta(args.eta)
+    cli.check_size(args.width, args.height)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(args.device)
+    with cli.torchrun_processes(cli.pick_device(args.device)) as (device, rank, world):
+        return evaluate(args, device, rank, world)
+
+
+def evaluate(args, device: torch.device, rank: int, world: int) -> dict:
+    """Generate (each torchrun process its share), then score on rank 0; the result on rank 0, {} on the others."""
     dtype = cli.pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
     check_numbers(args)
@@ -766,7 +705,7 @@ def main(argv=None) -> dict:
     else:
         jobs = plan(load_prompt_set(args.set), args.codes, args.images_per_code, use_codes=not args.no_code)
         if not args.no_code:
-            mapper_file(args.mapper)
+            mapper_path(args)
         from model.checkpoint import MISSING_WEIGHTS, find_default_weights
 
         weights = args.weights or find_default_weights()
@@ -785,12 +724,6 @@ def main(argv=None) -> dict:
     images_dir = os.path.join(args.out, "images")
     made = 0
     if jobs:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
         os.makedirs(images_dir, exist_ok=True)
         made = generate(args, jobs, images_dir, weights, device, dtype, rank, world)
         if world > 1:
@@ -799,12 +732,10 @@ def main(argv=None) -> dict:
             count = torch.tensor([made], device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(count)
             made = int(count)
-            dist.destroy_process_group()
-        if rank != 0:
-            return {}
-        write_prompts_json(images_dir, jobs)
-
+    if rank != 0:
+        return {}
     if jobs:
+        write_prompts_json(images_dir, jobs)
         identities = read_image_folder(images_dir)
     result = score(identities, face_model, clip_model, dreamsim_model)
     settings = {k: v for k, v in vars(args).items()}

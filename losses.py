@@ -1,7 +1,7 @@
 """The CoCoIns training objective (paper section 3.3, eq. 7-9).
 
 Each training image gives a triplet of x̂₀ estimates (model/ddim.py `x0_from_eps`) that differ
-only in prompt, pseudo-word and noise (train.py builds them, eq. 5-6):
+only in prompt, pseudo-word and noise (step.py builds them, eq. 5-6):
 
     x̂*   anchor:   caption P1 + pseudo-word of z1, noise ε1
     x̂+   positive: caption P2 + pseudo-word of z1, noise ε2
@@ -27,7 +27,7 @@ divided by the mask's area C·Σm (a small subject then weighs as much as a larg
 computed per sample (the reciprocal too) and then averaged over the batch, so one easy negative
 cannot hide a collapsed one.
 
-Read next: data.py (where the images, captions and masks come from).
+Read next: step.py (the training step that builds the triplets and calls these losses).
 """
 
 from dataclasses import dataclass

@@ -41,7 +41,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
+import folders
 from model.errors import UserError
 
 # The paper's models, as transformers ships them: LLaVA-Next (Liu et al. 2024) for captions;
@@ -51,9 +53,6 @@ from model.errors import UserError
 DEFAULT_CAPTIONER = "llava-hf/llava-v1.6-mistral-7b-hf"
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
 DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
-
-# What --concept auto chooses from: the five subjects of the paper's evaluation prompts.
-AUTO_CONCEPTS = ("man", "woman", "boy", "girl", "person")
 
 # What the captioner is asked. Two different questions give two different descriptions of one
 # image (the paper's P1 and P2); both name the concept so the caption uses the word itself.
@@ -97,7 +96,7 @@ def choose_concept(caption: str, male: bool | None) -> str:
     """--concept auto for one image: boy or girl when the caption says so (CelebA's attributes
     cannot); otherwise CelebA's Male attribute where there is one (labelled by people, surer
     than a captioner's guess); otherwise the caption's man, woman or person; otherwise person."""
-    named = [w for w in AUTO_CONCEPTS if data.count_concept(caption, w)]
+    named = [w for w in data.PEOPLE if data.count_concept(caption, w)]  # --concept auto chooses among these
     for word in ("boy", "girl"):
         if word in named:
             return word
@@ -245,9 +244,9 @@ class Folder:
     """The image folder and this command's files in it (see the module docstring)."""
 
     def __init__(self, root: str):
-        layout = self.layout = data.find_layout(root, need_captions=False)
+        layout = self.layout = folders.find_layout(root, need_captions=False)
         self.images_dir, self.nested = layout.images, layout.nested
-        self.files = data.scan_images(layout.images, nested=layout.nested)  # {name: relative path}
+        self.files = folders.scan_images(layout.images, nested=layout.nested)  # {name: relative path}
         if not self.files:
             raise UserError(f"no images (jpg, jpeg, png, webp) in {layout.images}")
         self.captions_path = layout.captions or os.path.join(layout.root, "captions.jsonl")
@@ -255,7 +254,7 @@ class Folder:
         self.work = os.path.join(layout.root, ".prepare_data")
         self.male = {}  # CelebA's Male attribute by image, for --concept auto
         if layout.attributes:
-            names, index, table, _ = data.read_table(layout.attributes, np.int8)
+            names, index, table, _ = folders.read_table(layout.attributes, np.int8)
             if names and "Male" in names:
                 column = names.index("Male")
                 self.male = {stem: bool(table[row, column] > 0) for stem, row in index.items()}
@@ -265,10 +264,10 @@ class Folder:
         now, before any model loads, rather than after hours of captioning."""
         if self.layout.captions:
             names = self.read_lines(self.captions_path, "concept").keys()
-            data.check_captions_name_existing_images(self.layout, names, self.files)
+            folders.check_captions_name_existing_images(self.layout, names, self.files)
 
     def name(self, image: str) -> str:
-        return data._relative_stem(image) if self.nested else data._stem(image)
+        return folders.relative_stem(image) if self.nested else folders.file_stem(image)
 
     def mask_path(self, name: str) -> str:
         return os.path.join(self.masks_dir, name + ".png")
@@ -359,20 +358,14 @@ class Appender:
 # The command
 
 
-def setup_processes(device_name: str):
-    """(device, rank, world size); under torchrun, one process per GPU."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+def pick_device(name: str) -> torch.device:
+    """--device: auto is CUDA where there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device_name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+        raise UserError(f"--device {name} asked for CUDA but this PyTorch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def main(argv=None):
@@ -384,12 +377,8 @@ def main(argv=None):
         raise UserError("--concept is empty; name what the images show (dog, teddy bear) or pass auto")
     folder = Folder(args.data)
     folder.check_lines()
-    device, rank, world = setup_processes(args.device)
-    try:
+    with cli.torchrun_processes(pick_device(args.device)) as (device, rank, world):
         run(args, folder, concept, device, rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(args, folder: Folder, concept: str, device, rank: int, world: int):

@@ -25,13 +25,12 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from cli import DTYPE_HELP, DTYPES, HelpFormatter, grid_info, labelled_grid, pick_device, pick_dtype
+from cli import (DTYPE_HELP, DTYPES, HelpFormatter, check_mapper_fits, check_size, grid_info, labelled_grid,
+                 mapper_file, pick_device, pick_dtype)
+from data import PEOPLE
 from model import attention, checkpoint, ddim, export, speed
 from model.errors import UserError
 
-# The concept words CoCoIns is trained on (data.py captions use them); with --code and no
-# --concept, the first of these found in the prompt is the concept.
-DEFAULT_CONCEPTS = ("woman", "man", "girl", "boy", "person")
 DEFAULT_MAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "mapper.safetensors")
 
 
@@ -41,7 +40,7 @@ def parse_args(argv=None):
                    "--save-embedding or --info")
     p.add_argument("--negative-prompt", default="", help="negative prompt; empty = SDXL base's zero conditioning")
     p.add_argument("--code", type=int, action="append", default=[], help="CoCoIns subject code (repeat for several subjects)")
-    p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order; a word named twice goes before its occurrences in order (default: the words %s as the first prompt names them)" % "/".join(DEFAULT_CONCEPTS))
+    p.add_argument("--concept", action="append", default=[], help="concept word each --code instantiates, in order; a word named twice goes before its occurrences in order (default: the words %s as the first prompt names them)" % "/".join(PEOPLE))
     p.add_argument("--seed", type=int, action="append", default=None, help="noise seed (repeat for several; default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds counting up from the first --seed")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps")
@@ -139,7 +138,7 @@ def subject_concepts(args, prompts) -> list[str]:
     concepts = list(args.concept)
     if not concepts:
         found = []  # (position, word) of every occurrence of a concept word in the first prompt
-        for word in DEFAULT_CONCEPTS:
+        for word in PEOPLE:  # the concept words a people mapper is trained on
             for occurrence in range(clip.CONTEXT_LENGTH):
                 try:
                     found.append((mapper.find_concept(ids[0].tolist(), tokenizer.encode(word), word=word,
@@ -148,7 +147,7 @@ def subject_concepts(args, prompts) -> list[str]:
                     break
         if len(found) < len(args.code):
             raise UserError(
-                f"found {len(found)} concept word(s) ({', '.join(DEFAULT_CONCEPTS)}) in the prompt {prompts[0]!r} "
+                f"found {len(found)} concept word(s) ({', '.join(PEOPLE)}) in the prompt {prompts[0]!r} "
                 f"for {len(args.code)} --code; name one per code with --concept WORD"
             )
         concepts = [word for _, word in sorted(found)[: len(args.code)]]
@@ -159,26 +158,11 @@ def subject_concepts(args, prompts) -> list[str]:
     return concepts
 
 
-def mapper_file(path: str) -> str:
-    """--mapper: the file, or a train.py run folder holding mapper.safetensors."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "mapper.safetensors")):
-        return os.path.join(path, "mapper.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no trained mapper at {path}; train one with `python train.py --data celeba/` "
-            "(it writes runs/cocoins/mapper.safetensors) and pass it with --mapper, or copy it to weights/mapper.safetensors"
-        )
-    return path
-
-
 def subjects_from_codes(codes, concepts, f, model, dtype):
     """CoCoIns: each code -> z -> the mapper's pseudo-words, paired with its concept word."""
     from model import mapper
 
-    widths = (model.clip_l.config.width, model.clip_g.config.width)
-    if tuple(f.config.token_widths) != widths:
-        raise UserError(f"--mapper was trained for text encoders of widths {tuple(f.config.token_widths)}, but these "
-                        f"weights have {widths}; use a mapper trained on this model")
+    check_mapper_fits(f, model)
     device = model.device
     f = f.to(device)
     subjects = []
@@ -220,7 +204,7 @@ def save_embeddings(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     from model.checkpoint import MISSING_WEIGHTS, find_default_weights
-    from model.sdxl import SDXL, check_size
+    from model.sdxl import SDXL
 
     # What needs the mapper alone comes first, and needs no prompt and no SDXL.
     if args.info:
@@ -246,15 +230,15 @@ def main(argv=None):
     # Check what can be checked before spending a minute loading 7 GB.
     if args.cuda_graphs:
         speed.check_cuda_graphs(device, args.offload)
-    if not 0 <= args.eta <= 1:
-        raise UserError(f"--eta {args.eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
-    if not 1 <= args.steps <= ddim.T - ddim.STEPS_OFFSET:
-        raise UserError(f"--steps {args.steps}: use at least 1 step and at most {ddim.T - ddim.STEPS_OFFSET}")
+    ddim.check_steps(args.steps)
+    ddim.check_eta(args.eta)
     concepts = subject_concepts(args, prompts)
     f = None
     if args.code:
-        f = checkpoint.load_mapper(mapper_file(args.mapper))  # a few MB: read now, to fail before the big load
-        warning = export.base_model_warning(mapper_file(args.mapper), weights)  # never a refusal
+        # a few MB: read now, to fail before the big load
+        file = mapper_file(args.mapper, instead=" with --mapper, or copy it to weights/mapper.safetensors")
+        f = checkpoint.load_mapper(file)
+        warning = export.base_model_warning(file, weights)  # never a refusal
         if warning:
             print(warning, file=sys.stderr)
 
@@ -277,8 +261,9 @@ def main(argv=None):
     k = 0
     for prompt in prompts:
         for seed in seeds:
-            img = model.generate(prompt, seed, args.negative_prompt, args.steps, args.guidance, args.eta,
-                                 args.width, args.height, subjects, progress=True)
+            # one image per call, saved as soon as it is made
+            img = model.generate([prompt], [seed], subjects, args.negative_prompt, args.steps, args.guidance, args.eta,
+                                 args.width, args.height, progress=True)[0]
             params = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
                           guidance=args.guidance, eta=args.eta, width=args.width, height=args.height,
                           code=args.code, concept=[s[2] for s in subjects or []],

@@ -4,67 +4,51 @@
     python train.py --data celeba/ --resume                     # continue a stopped run
     torchrun --nproc_per_node=8 train.py --data celeba/        # data-parallel over 8 GPUs
 
-One step, for a batch of B images with latents x, two captions P1, P2 each naming the subject
-with a concept word ("woman"), and a subject mask m:
-
-    z1, z2 ~ N(0, I)            two codes per image (eq. 3), drawn fresh every step
-    w1, w2 = f(z1), f(z2)       pseudo-words, one per text encoder
-    e* = insert(e1, w1, i)      anchor:   P1 with code z1     (eq. 5; i, j: the concept in P1, P2)
-    e+ = insert(e2, w1, j)      positive: P2 with code z1
-    e- = insert(e1, w2, i)      negative: P1 with code z2
-    x_t* = x_t- = √ᾱ_t·x + √(1−ᾱ_t)·ε1,   x_t+ = √ᾱ_t·x + √(1−ᾱ_t)·ε2     (eq. 6, one t)
-    x̂*, x̂+, x̂-   x̂₀ estimates of the UNet with e*, e+, e-: one pass of 3B, gradients to f
-    x̂1, x̂2       x̂₀ estimates with the plain e1 (on x_t*) and e2 (on x_t+): one pass of 2B, no gradients
-    L = λ_con·L_con + λ_back·L_back            (losses.py, eq. 7-9), AdamW on f alone
-
-SDXL (both text encoders, the UNet, the VAE) is frozen; gradients flow *through* the text
-encoders and the UNet into f. Classifier-free guidance dropout is not used: f never meets an
-empty prompt (a pseudo-word needs its concept word), and SDXL itself is not trained.
+This file is the loop: every step is step.py's `cocoins_step` (the method, eq. 5-9) on a batch
+from data.py, followed by AdamW on f alone. It reads top to bottom: the command line, the run,
+then what the run leans on (models and processes, the loader over epochs and torchrun ranks,
+checkpoints and the log, sample grids, stopping).
 
 A run folder (--out) holds:
     mapper.safetensors          the trained f, for `sample.py --mapper` (config + arguments as metadata)
-    state.pt                    everything --resume needs: f, AdamW, step, data position, RNG states
+    state.pt                    everything --resume needs: f, AdamW, step, data position
     log.jsonl                   one line of loss terms per step
     samples/step_XXXXXX.png     fixed codes (rows) in fixed prompts (columns), to watch consistency emerge
     README.md                   the mapper's model card (Hugging Face Hub convention), with the newest grid
 Both checkpoint files are replaced atomically, every --checkpoint-every steps, at the end, and
 when Ctrl-C or SIGTERM stops the run. VAE latents are computed once and cached (--cache-dir),
-keyed by the VAE's weights.
-
-The file reads top to bottom: the command line, the CoCoIns step (eq. 5-9), the training loop
-that calls it, then the helpers the loop leans on (processes, data, checkpoints, the log, sample
-grids, stopping).
+keyed by the VAE's weights. Nothing in a step draws from a global random generator (draw_noise
+and data.py seed their own from --seed and the step or epoch), so a resume is exact without one.
 
 Read next: sample.py (using the trained mapper).
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import random
 import shlex
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from cli import DTYPE_HELP, DTYPES, HelpFormatter, default_workers, grid_info, labelled_grid, pick_device, pick_dtype
-from data import CelebA, DataConfig, LatentCache, collate
-from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms, cocoins_loss
+from cli import (DTYPE_HELP, DTYPES, HelpFormatter, check_mapper_fits, default_workers, grid_info, labelled_grid,
+                 mapper_file, pick_device, pick_dtype, torchrun_processes)
+from data import DataConfig, ImageFolder, LatentCache, collate, vae_fingerprint
+from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms
 from model import attention, clip, ddim, export, speed
 from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
 from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
+from step import T_MAX, T_MIN, TIME_IDS, TRIPLET_CHOICES, StepConfig, cocoins_step, draw_noise
 
 # What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
 # the same every time, so the grids of successive steps compare cell by cell. A trained f gives
@@ -80,25 +64,6 @@ SAMPLE_STEPS = 20  # DDIM steps per image: a recognisable face at two thirds of 
 SAMPLE_GUIDANCE = 5.0  # sample.py's default
 
 
-@dataclass
-class StepConfig:
-    """How a triplet is built (eq. 5-6) and conditioned; the defaults are the paper's."""
-
-    # The positive's caption: "other", the image's second caption P2 (eq. 5), so f must hold the
-    # person across wordings; or "same", the anchor's P1 (Table 5, "same prompts").
-    positive_prompt: str = "other"
-    # The positive's noise: "other", its own ε2 (eq. 6), so f must hold the person across noises;
-    # or "same", the anchor's ε1 (Table 5, "same noise").
-    positive_noise: str = "other"
-    # SDXL's size/crop micro-conditioning: "data", each image's own (orig_h, orig_w, crop_top,
-    # crop_left, R, R), as SDXL was trained, so the UNet is told the truth about the image it
-    # denoises; or "sampling", (R, R, 0, 0, R, R), what sample.py passes, so f is trained under the
-    # conditioning it will be used with. The paper does not say.
-    time_ids: str = "data"
-
-
-TRIPLET_CHOICES = ("other", "same")
-TIME_IDS = ("data", "sampling")
 # The flags of the method's choices and ablations, with a new run's defaults (the dataclasses').
 METHOD_DEFAULTS = {
     "negative": LossConfig.negative, "mask": LossConfig.mask, "mask_reduction": LossConfig.mask_reduction,
@@ -154,14 +119,9 @@ def parse_args(argv=None):
     method.add_argument("--time-ids", choices=TIME_IDS, help=f"SDXL's size/crop conditioning in training: the image's own from the `data` (original size, crop offset, R, R), or what `sampling` passes (R, R, 0, 0, R, R) (default: {METHOD_DEFAULTS['time_ids']})")
     method.add_argument("--mapper-norm", choices=NORMS, help=f"f's output layer: `layernorm`, w = μ + σ⊙LayerNorm(Wh+b), or `none`, w = μ + σ⊙(Wh+b) (default: {METHOD_DEFAULTS['mapper_norm']})")
     method.add_argument("--mapper-gain", type=float, help=f"g, the LayerNorm output's spread in units of a real token's: w = μ + g·σ⊙LayerNorm(Wh+b) (default: {METHOD_DEFAULTS['mapper_gain']})")
-    # Timesteps t ~ U[t_min, t_max). Below 200 (ᾱ > 0.75) x_t already shows the face: x̂₀ is
-    # the image whatever the pseudo-word says, so the positive term is trivially small and
-    # 1/d_neg blows up on distances f cannot create. Above 800 (ᾱ < 0.04), x̂₀ = (x_t −
-    # √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by more than 5 (by 15 at t = 999): the
-    # estimate is an amplified blur in which a face's identity is noise. In between, the
-    # pseudo-word decides who appears and x̂₀ shows it.
-    p.add_argument("--t-min", type=int, default=200, help="smallest training timestep (inclusive)")
-    p.add_argument("--t-max", type=int, default=800, help="largest training timestep (exclusive, at most 1000)")
+    # (step.py says why the training timesteps lie in [200, 800))
+    p.add_argument("--t-min", type=int, default=T_MIN, help="smallest training timestep (inclusive)")
+    p.add_argument("--t-max", type=int, default=T_MAX, help="largest training timestep (exclusive, at most 1000)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a killed run loses at most this many; Ctrl-C or SIGTERM saves the current step)")
     p.add_argument("--sample-every", type=int, default=500, help=f"steps between sample grids in OUT/samples/ ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, {SAMPLE_STEPS} DDIM steps; 0 = never), at every multiple of it")
     p.add_argument("--seed", type=int, default=0, help="seed of f's initialisation, the codes, noises and timesteps, crops and captions")
@@ -215,97 +175,6 @@ def keep_method(args, saved_args: dict | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The CoCoIns step
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepNoise:
-    z1: Tensor  # (B, c) the code of the anchor and the positive
-    z2: Tensor  # (B, c) the code of the negative
-    eps1: Tensor  # (B, 4, h, w) ε1, the noise of the anchor and the negative
-    eps2: Tensor  # (B, 4, h, w) ε2, the noise of the positive
-    t: Tensor  # (B,) the timestep, shared by the three samples of a triplet
-
-
-def draw_noise(seed: int, rank: int, step: int, B: int, latent_shape, z_dim: int, t_min: int, t_max: int) -> StepNoise:
-    """The codes, noises and timesteps of one step, a pure function of (seed, rank, step).
-
-    A fresh CPU generator per step means a resumed run draws exactly what the uninterrupted
-    run drew, on any device, with no generator state to carry; each rank draws its own."""
-    g = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
-    # z ~ N(0, I) directly, the paper's eq. 3: a fresh pair of codes per image and step covers
-    # the whole code space sample.py draws from (code_to_z is that same N(0, I) seeded by an
-    # integer; integer codes here would add nothing but a generator per code). Two independent
-    # draws in c = 512 dimensions are never equal, so z1 ≠ z2.
-    z1, z2 = torch.randn(2, B, z_dim, generator=g)
-    eps1, eps2 = torch.randn(2, B, *latent_shape, generator=g)
-    t = torch.randint(t_min, t_max, (B,), generator=g)
-    return StepNoise(z1, z2, eps1, eps2, t)
-
-
-def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context: Tensor, pooled: Tensor,
-               time_ids: Tensor) -> Tensor:
-    """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t from one UNet pass, in float32."""
-    eps_hat = model.unet(x_t, t, context, pooled, time_ids).float()
-    return ddim.x0_from_eps(x_t, eps_hat, alpha_bar_t)
-
-
-def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: int, K: int, loss_config: LossConfig,
-                 step_config: StepConfig = StepConfig()) -> LossTerms:
-    """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
-
-    x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
-    time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β;
-    `step_config` the triplet's ablations (the paper's triplets by default)."""
-    device = model.device
-    P1 = [p1 for p1, _ in batch["captions"]]
-    # P2, the positive's caption (P1 again for Table 5's "same prompts")
-    P2 = P1 if step_config.positive_prompt == "same" else [p2 for _, p2 in batch["captions"]]
-    concepts = batch["concept"]
-    x0, eps1 = x0.to(device).float(), noise.eps1.to(device)
-    # ε2, the positive's noise (ε1 again for Table 5's "same noise")
-    eps2 = eps1 if step_config.positive_noise == "same" else noise.eps2.to(device)
-    t = noise.t.to(device)
-    # (B,) float64, kept on the CPU: the coefficients' float64 math runs there (MPS has no float64)
-    alpha_bar_t = ddim.alpha_bars()[noise.t.cpu()]
-    if step_config.time_ids == "sampling":
-        # (H, W, 0, 0, H, W), as model.generate conditions an image of this size
-        time_ids = SDXL.time_ids(x0.shape[-2] * 8, x0.shape[-1] * 8, x0.shape[0], device)
-    else:
-        time_ids = batch["time_ids"].to(device)
-    mask = batch["mask"].to(device)
-
-    # x_t* = x_t- = √ᾱ_t·x + √(1−ᾱ_t)·ε1,  x_t+ = √ᾱ_t·x + √(1−ᾱ_t)·ε2   (eq. 6)
-    x_t1 = ddim.add_noise(x0, eps1, alpha_bar_t)
-    x_t2 = ddim.add_noise(x0, eps2, alpha_bar_t)
-
-    # w1 = f(z1), w2 = f(z2): one pass of f over 2B codes (once per step, as DDP expects).
-    w_l, w_g = f(torch.cat([noise.z1, noise.z2]).to(device))
-    w1_l, w2_l, w1_g, w2_g = (*w_l.chunk(2), *w_g.chunk(2))
-
-    # e* = insert(e1, w1, i), e+ = insert(e2, w1, j), e- = insert(e1, w2, i)   (eq. 5), as one batch
-    # (each prompt's pseudo-word goes before that prompt's own concept word)
-    context, pooled = model.encode_prompt(
-        P1 + P2 + P1, [(torch.cat([w1_l, w1_l, w2_l]), torch.cat([w1_g, w1_g, w2_g]), concepts * 3)])
-    # The three UNet passes with gradients as one of 3B: anchor, positive, negative.
-    x0_hat = predict_x0(model, torch.cat([x_t1, x_t2, x_t1]), t.repeat(3), alpha_bar_t.repeat(3),
-                        context, pooled, time_ids.repeat(3, 1))
-    x_anchor, x_pos, x_neg = x0_hat.chunk(3)
-
-    # x̂1 = x̂(x_t*, e1), x̂2 = x̂(x_t+, e2): the plain prompts, the targets of L_back; no gradients.
-    with torch.no_grad():
-        context0, pooled0 = model.encode_prompt(P1 + P2)
-        x1, x2 = predict_x0(model, torch.cat([x_t1, x_t2]), t.repeat(2), alpha_bar_t.repeat(2),
-                            context0, pooled0, time_ids.repeat(2, 1)).chunk(2)
-
-    # The step's words in units of each encoder's token spread, for L_spread (and its log line).
-    heads = getattr(f, "module", f).heads  # f itself, or f inside DDP
-    words = tuple((w - h.token_mean) / h.token_std for w, h in zip((w_l, w_g), heads))
-    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config, words)
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 
@@ -313,13 +182,8 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
-    device, rank, world = setup_processes(args)
-    try:
-        with signals_stop_the_run():
-            train(args, argv, device, rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with torchrun_processes(pick_device(args.device)) as (device, rank, world), signals_stop_the_run():
+        train(args, argv, device, rank, world)
 
 
 def train(args, argv: list[str], device: torch.device, rank: int, world: int):
@@ -334,10 +198,10 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
         raise UserError(MISSING_WEIGHTS)
     # --init-mapper is read now (a few MB), so a wrong path fails before the big load; a resumed
     # run continues its own f instead.
-    init = load_mapper(init_mapper_file(args.init_mapper)) if args.init_mapper and state is None else None
+    init = load_mapper(mapper_file(args.init_mapper, "--init-mapper")) if args.init_mapper and state is None else None
     dtype = pick_dtype(args.dtype, device)
     attention.set_backend(args.attention)
-    dataset = CelebA(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
+    dataset = ImageFolder(DataConfig(root=args.data, resolution=args.resolution, split=args.split, crop=args.crop,
                                 seed=args.seed), caption_ok=concept_survives_truncation(clip.Tokenizer.bundled("eos")))
     say(rank, dataset.summary)
     steps_per_epoch = len(dataset) // world // args.batch_size
@@ -420,20 +284,6 @@ def say(rank: int, message: str):
         tqdm.write(message, file=sys.stderr)
 
 
-def setup_processes(args):
-    """(device, rank, world size); under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    device = pick_device(args.device)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return device, rank, world
-
-
 def wrap_ddp(f: Mapper, device: torch.device, world: int):
     """DDP wraps f alone: it averages f's gradients over the ranks; every rank holds the frozen SDXL."""
     if world == 1:
@@ -454,28 +304,15 @@ def load_frozen_sdxl(args, weights: str, device, dtype) -> SDXL:
     return model
 
 
-def attach_latent_cache(dataset: CelebA, model: SDXL, args, dtype) -> LatentCache:
+def attach_latent_cache(dataset: ImageFolder, model: SDXL, args, dtype) -> LatentCache:
     # A latent is the VAE's mean (not a sample: the cached latent *is* the latent), scaled for the UNet.
     def encode(images):
         return model.vae.encode(images.to(model.device)).mode() * SCALING_FACTOR
 
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
-    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model)}", f"dtype={dtype}",
+    dataset.cache = LatentCache(cache_dir, encode, [f"vae={vae_fingerprint(model.vae)}", f"dtype={dtype}",
                                                     f"resolution={args.resolution}", "latent=mode*scaling_factor"])
     return dataset.cache
-
-
-def vae_fingerprint(model: SDXL) -> str:
-    """A hash of the tensors that make latents (the VAE encoder and quant_conv), for the cache key.
-
-    Content, not file names: the same VAE in either layout shares its latents, and a replaced
-    --vae or a fine-tune never reads another VAE's."""
-    h = hashlib.sha1()
-    for name, tensor in model.vae.state_dict().items():
-        if name.startswith(("encoder.", "quant_conv.")):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def token_stats(model: SDXL) -> list[tuple[Tensor, Tensor]]:
@@ -492,20 +329,9 @@ def new_mapper(model: SDXL, args) -> Mapper:
     return Mapper(config, token_stats(model)).to(model.device).train()
 
 
-def init_mapper_file(path: str) -> str:
-    """--init-mapper: the file, or a run folder holding mapper.safetensors."""
-    file = os.path.join(path, "mapper.safetensors") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise UserError(f"--init-mapper {path}: no mapper there; pass a mapper.safetensors or a train.py run folder")
-    return file
-
-
 def start_from(init: Mapper, model: SDXL) -> Mapper:
     """A trained f to continue from, if it was made for text encoders of these widths."""
-    widths = (model.clip_l.config.width, model.clip_g.config.width)
-    if tuple(init.config.token_widths) != widths:
-        raise UserError(f"--init-mapper was trained for text encoders {tuple(init.config.token_widths)} wide, but "
-                        f"these weights' encoders are {widths} wide; start from a mapper trained on the same SDXL")
+    check_mapper_fits(init, model, "--init-mapper")
     return init.to(model.device).train().requires_grad_(True)
 
 
@@ -542,7 +368,7 @@ def concept_survives_truncation(tok):
     return ok
 
 
-def batches(dataset: CelebA, epoch: int, position: int, steps_per_epoch: int, args, rank: int, world: int,
+def batches(dataset: ImageFolder, epoch: int, position: int, steps_per_epoch: int, args, rank: int, world: int,
             device: torch.device):
     """(epoch, position, batch) from batch `position` of `epoch` on, epoch after epoch, without end."""
     while True:
@@ -553,7 +379,7 @@ def batches(dataset: CelebA, epoch: int, position: int, steps_per_epoch: int, ar
             position += 1
 
 
-def make_loader(dataset: CelebA, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
+def make_loader(dataset: ImageFolder, epoch: int, position: int, args, rank: int, world: int, pin_memory: bool):
     """The batches of `epoch` from batch `position` on, this rank's shard (DistributedSampler)."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
@@ -619,7 +445,6 @@ def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]
     # load_state_dict brought back the saved learning rate and weight decay with the moments.
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    set_rng_states(state["rng"])
     changed = "".join(f"; {k} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
                       if k != "resume" and getattr(args, k, v) != v)
     return state["step"], state["epoch"], state["position"], changed
@@ -640,7 +465,6 @@ def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, posit
         "mapper": f.state_dict(),
         "mapper_config": asdict(f.config),
         "optimizer": optimizer.state_dict(),
-        "rng": rng_states(),
         "args": vars(args),
     }
     path = run_files(out)["state.pt"]
@@ -657,32 +481,6 @@ def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, posit
     mapper_path = run_files(out)["mapper.safetensors"]
     save_mapper(mapper_path, f, metadata=export.training_metadata(step, vars(args), base_model, concepts))
     export.write_model_card(out)
-
-
-def rng_states() -> dict:
-    """The global generators' states. The loop itself draws from none of them (draw_noise and
-    data.py seed their own generators), so resuming is exact without them; they are restored so
-    that anything added later that does draw from them (dropout, an augmentation) resumes exactly too."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        # as plain Python values, so torch.load(weights_only=True) reads them back
-        "numpy": (kind, key.tolist(), pos, has_gauss, cached),
-    }
-
-
-def set_rng_states(states: dict):
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        # one state per GPU the saving run saw; a resumed run may see fewer
-        for i, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
 
 
 class Log:
@@ -744,13 +542,14 @@ def save_samples(model: SDXL, f: Mapper, args, step: int):
     say(0, f"drawing the sample grid of step {step} ({len(SAMPLE_CODES)} codes x {len(SAMPLE_PROMPTS)} prompts, "
            f"{SAMPLE_STEPS} DDIM steps each) into {path}")
     w_l, w_g = f(torch.stack([code_to_z(code, f.config.z_dim) for code in SAMPLE_CODES]).to(model.device))
-    images = []
-    for row in range(len(SAMPLE_CODES)):
-        for col, (prompt, concept) in enumerate(SAMPLE_PROMPTS):
-            subjects = [(w_l[row].to(model.dtype), w_g[row].to(model.dtype), concept)]
-            # column = seed: a code must keep its person across noises, as sample.py users expect.
-            images.append(model.generate(prompt, seed=col, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
-                                         width=args.resolution, height=args.resolution, subjects=subjects))
+    # Row by row (a code each), column by column; column = seed: a code must keep its person across
+    # noises, as sample.py users expect. One UNet batch per row.
+    cols = len(SAMPLE_PROMPTS)
+    words = [(w_l.repeat_interleave(cols, dim=0), w_g.repeat_interleave(cols, dim=0),
+              [concept for _ in SAMPLE_CODES for _, concept in SAMPLE_PROMPTS])]
+    images = model.generate([prompt for _ in SAMPLE_CODES for prompt, _ in SAMPLE_PROMPTS],
+                            [col for _ in SAMPLE_CODES for col in range(cols)], words, steps=SAMPLE_STEPS,
+                            guidance=SAMPLE_GUIDANCE, width=args.resolution, height=args.resolution, batch_size=cols)
     codes = [f"code {code}" for code in SAMPLE_CODES]
     prompts = [f"{prompt} (seed {col})" for col, (prompt, _) in enumerate(SAMPLE_PROMPTS)]
     grid = labelled_grid(images, codes, prompts, f"step {step}: rows are codes, columns are prompts (seed = column)")

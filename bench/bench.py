@@ -544,8 +544,8 @@ class Bench:
         self.report.row(f"VAE decode, {self.size.image} px, eager", "ms", ms, theirs_ms, mem["gib"], theirs_gib)
 
     def generate(self, sdxl):
-        return sdxl.generate(PROMPT, seed=0, steps=self.size.steps, guidance=GUIDANCE, width=self.size.image,
-                             height=self.size.image)
+        return sdxl.generate([PROMPT], [0], steps=self.size.steps, guidance=GUIDANCE, width=self.size.image,
+                             height=self.size.image)[0]
 
     def pipeline_image(self, pipe):
         out = pipe(prompt=PROMPT, num_inference_steps=self.size.steps, guidance_scale=GUIDANCE, width=self.size.image,

@@ -311,7 +311,7 @@ class GPUCheck:
                        generator=torch.Generator("cpu").manual_seed(0), output_type="np")
         theirs_image = (out.images[0] * 255).round().astype(np.uint8)
         del pipe, out, theirs
-        ours_image = sdxl.generate(PROMPT, seed=0, steps=steps, guidance=5.0, width=px, height=px)
+        ours_image = sdxl.generate([PROMPT], [0], steps=steps, guidance=5.0, width=px, height=px)[0]
         diff = np.abs(ours_image.astype(int) - theirs_image)
         self.checks.check(f"whole {px} px image fp32 vs diffusers' pipeline, mean |pixel difference| (of 255)",
                           float(diff.mean()), 1.0, max_difference=int(diff.max()), steps=steps,

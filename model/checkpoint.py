@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -93,9 +94,10 @@ def hub_cache_dir() -> str:
     return os.path.expandvars(os.path.expanduser(cache))
 
 
-def _hub_snapshots(cache: str) -> list[str]:
-    """SDXL base snapshots in a hub cache, the one `refs/main` names (the latest download) first."""
-    repo = os.path.join(cache, HUB_REPO_FOLDER)
+def hub_snapshots(repo_folder: str = HUB_REPO_FOLDER) -> list[str]:
+    """A model's snapshots in the Hugging Face cache (SDXL base's unless told), the one `refs/main`
+    names (the latest download) first."""
+    repo = os.path.join(hub_cache_dir(), repo_folder)
     snapshots = sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
     try:
         with open(os.path.join(repo, "refs", "main")) as f:
@@ -114,7 +116,7 @@ def find_default_weights() -> str | None:
     local = os.path.join(WEIGHTS_DIR, OFFICIAL_FILENAME)
     if os.path.isfile(local):
         return local
-    for snapshot in _hub_snapshots(hub_cache_dir()):
+    for snapshot in hub_snapshots():
         single = os.path.join(snapshot, OFFICIAL_FILENAME)
         if os.path.isfile(single):  # isfile follows the cache's symlinks into blobs/
             return single
@@ -592,7 +594,28 @@ def save_mapper(path: str, mapper: Mapper, metadata: dict[str, str] | None = Non
     intact and never a partial one (`write_atomically`)."""
     meta = {**(metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(asdict(mapper.config))}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mapper.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    save_safetensors(path, tensors, meta)
+
+
+def save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """`save_file`, atomically (`write_atomically`), with the metadata in sorted order.
+
+    safetensors writes its metadata from a Rust HashMap, in an order that changes from process to process,
+    so two runs that compute the same file would write different bytes. Sorting the keys in the header
+    (same JSON, same length) makes equal content equal bytes, and a SHA-256 a fair name for a file."""
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            if "__metadata__" in header:
+                header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+                # the JSON safetensors writes (serde_json: compact, UTF-8 as is), padded to its length
+                text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+                f.seek(8)
+                f.write(text.ljust(n))
+
+    write_atomically(path, write)
 
 
 def write_atomically(path: str, write) -> None:

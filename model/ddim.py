@@ -57,14 +57,17 @@ def alpha_bars(T: int = T, beta_start: float = BETA_START, beta_end: float = BET
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
 
 
-def timesteps(num_steps: int, T: int = T, offset: int = STEPS_OFFSET) -> torch.Tensor:
-    """The `num_steps` timesteps DDIM visits, descending, as a CPU LongTensor
-    (30 steps: 958, 925, …, 34, 1). At most T − offset steps: more would need t = T."""
-    if not 1 <= num_steps <= T - offset:
-        raise UserError(f"the number of sampling steps must be between 1 and {T - offset}, got {num_steps}")
+def check_steps(num_steps: int) -> None:
+    if not 1 <= num_steps <= T - STEPS_OFFSET:  # more steps would need t = T
+        raise UserError(f"--steps {num_steps}: use at least 1 step and at most {T - STEPS_OFFSET}")
+
+
+def timesteps(num_steps: int) -> torch.Tensor:
+    """The `num_steps` timesteps DDIM visits, descending, as a CPU LongTensor (30 steps: 958, 925, …, 34, 1)."""
+    check_steps(num_steps)
     # PITFALL: SDXL uses "leading" spacing with offset 1; "trailing" or "linspace" give other images.
     # t_k = k·⌊T/n⌋ + offset,  k = 0 … n−1, visited from the noisiest down
-    return (torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + offset).flip(0)
+    return (torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + STEPS_OFFSET).flip(0)
 
 
 # -- Forward process and the x̂₀ estimate (used by training and by every sampling step) ------
@@ -132,6 +135,11 @@ def randn(shape, generator: torch.Generator | list[torch.Generator] | None, devi
 EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def check_eta(eta: float) -> None:
+    if not 0 <= eta <= 1:
+        raise UserError(f"--eta {eta}: use a number from 0 (deterministic DDIM) to 1 (DDPM-like noise)")
+
+
 @torch.no_grad()
 def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, eta: float = 0.0,
            generator: torch.Generator | list[torch.Generator] | None = None, progress: bool = False) -> torch.Tensor:
@@ -144,8 +152,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, num_steps: int, guidance: float, et
     ignores s < 1). `generator` feeds the η > 0 noise: the one that drew x_T reproduces diffusers'
     DDIMScheduler (a list: one per image, see `randn`); None uses the global RNG.
     The loop never synchronises host and device (no `.item()`, no per-step host→device copy)."""
-    if not 0 <= eta <= 1:
-        raise UserError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise), got {eta}")
+    check_eta(eta)
     ts = timesteps(num_steps)
     alpha_bar = alpha_bars().tolist()  # Python floats: per-step coefficients stay on the host
     step = T // num_steps

@@ -24,11 +24,10 @@ import textwrap
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 
 from model import __version__
 from model.checkpoint import (HUB_REPO_FOLDER, OFFICIAL_FILENAME, CheckpointError, load_mapper, locate,
-                              read_metadata, write_atomically)
+                              read_metadata, save_safetensors, write_atomically)
 from model.errors import UserError
 from model.mapper import MapperConfig, code_to_z
 
@@ -221,7 +220,7 @@ def save_embeddings(mapper_path: str, codes: list[int], concepts: list[str], pat
         tensors = {key: w.float().contiguous() for key, w in zip(EMBEDDING_KEYS, words)}  # each [1, D]
         metadata = {**provenance, "code": str(code), "concept": concept}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_safetensors(path, tensors, metadata)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Symbols (the paper's):
 Contents, in the order a prompt meets them: `code_to_z`, the `Mapper` (`f`), `find_concept`,
 `insert` / `insert_many` / `insert_subjects` (saving and loading: model/checkpoint.py).
 
-Read next: losses.py (how f is trained), then train.py.
+Read next: losses.py (how f is trained), then step.py.
 """
 
 import operator

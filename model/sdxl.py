@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from model import checkpoint, clip, ddim, mapper, vae
-from model.errors import UserError
 
 
 class SDXL:
@@ -91,33 +90,42 @@ class SDXL:
     # -- generation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, negative_prompt="", steps=30, guidance=5.0, eta=0.0,
-                 width=1024, height=1024, subjects=None, progress=False) -> np.ndarray:
-        """One image (H, W, 3) uint8 for one prompt and one seed, DDIM with classifier-free guidance."""
+    def generate(self, prompts: list[str], seeds: list[int], subjects=None, negative_prompt: str = "",
+                 steps: int = 30, guidance: float = 5.0, eta: float = 0.0, width: int = 1024, height: int = 1024,
+                 batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Images (N, H, W, 3) uint8, prompts[i] drawn from seeds[i], DDIM with classifier-free guidance.
+
+        `subjects` as encode_prompt takes them, pseudo-words (D,) for every image or (N, D) one each;
+        `batch_size` images share a UNet batch (None: all N). Each image draws x_T and its η-noise
+        from its own generator: it is the image it would be alone (bit for bit at batch_size 1)."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+        if batch_size and len(prompts) > batch_size:  # a batch at a time, each with its images' pseudo-words
+            rows = [slice(k, k + batch_size) for k in range(0, len(prompts), batch_size)]
+            return np.concatenate([self.generate(prompts[r], seeds[r], _rows(subjects, r), negative_prompt, steps,
+                                                 guidance, eta, width, height, None, progress) for r in rows])
+        # The UNet sees [conditional; unconditional] in one pass. At guidance 1, ε̂ = ε_c: the
+        # unconditional half is never read, so never computed (nor its negative prompt encoded).
+        B, n = len(prompts), 1 if guidance == 1 else 2
         with self.on_device(self.clip_l, self.clip_g):
-            context, pooled = self.encode_prompt([prompt], subjects)
-            # (at guidance 1 the unconditional half is never computed: no need to encode it)
-            neg_context, neg_pooled = self.encode_negative(negative_prompt if guidance != 1 else "", 1, context, pooled)
-        time_ids = self.time_ids(height, width, 2, self.device)
-        # The batch is [conditional, unconditional]: the UNet sees both halves in one pass. At
-        # guidance 1, ε̂ = ε_c: the unconditional half is never read, so never computed.
-        n = 1 if guidance == 1 else 2
-        cond = (torch.cat([context, neg_context])[:n].to(self.dtype), torch.cat([pooled, neg_pooled])[:n].to(self.dtype),
-                time_ids[:n].contiguous())
-        unet_step = self.graphed_unet or self.unet
+            context, pooled = self.encode_prompt(prompts, subjects)
+            neg_context, neg_pooled = self.encode_negative(negative_prompt if n == 2 else "", B, context, pooled)
+        cond = (torch.cat([context, neg_context])[: n * B].to(self.dtype),
+                torch.cat([pooled, neg_pooled])[: n * B].to(self.dtype),
+                self.time_ids(height, width, n * B, self.device).contiguous())
+        unet_step = self.graphed_unet or self.unet  # (a CUDA graph is recorded once per batch shape)
 
         # (inputs contiguous, as bench.py's: a compiled UNet's guards include strides)
         def eps_fn(x_t, t):
             eps = unet_step(x_t.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), *cond).float()
             return eps.chunk(2) if n == 2 else (eps, None)
 
-        generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, 4, height // 8, width // 8)
-        x_T = ddim.randn(shape, generator, self.device, torch.float32)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # ddim.randn: a row each
+        x_T = ddim.randn((B, 4, height // 8, width // 8), generators, self.device, torch.float32)
         with self.on_device(self.unet):
-            x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generator, progress=progress)
+            x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generators, progress=progress)
         with self.on_device(self.vae):
-            return self.decode(x_0)[0]
+            return self.decode(x_0)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -129,6 +137,7 @@ class SDXL:
         return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def check_size(width: int, height: int) -> None:
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise UserError(f"--width {width} --height {height}: both must be positive multiples of 8 (the VAE downsamples by 8), e.g. 1024")
+def _rows(subjects, rows: slice):
+    """The subjects of images `rows`: per-image pseudo-words (N, D) and concept lists cut to them."""
+    return subjects and [(w_l if w_l.ndim == 1 else w_l[rows], w_g if w_g.ndim == 1 else w_g[rows],
+                          concept if isinstance(concept, str) else concept[rows]) for w_l, w_g, concept in subjects]

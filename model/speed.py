@@ -4,7 +4,7 @@ The chapters compute SDXL in plain PyTorch. Everything here computes the same nu
 or in less memory, and is put in by the commands, never by a chapter:
 
     save_memory(*models)   the memory-saving versions of GroupNorm, GEGLU, the VAE's ResNet
-                           block and attention (sample.py, train.py, bench.py: always)
+                           block and attention (sample.py, eval.py, train.py, bench.py: always)
     compile(model, mode)   torch.compile, regional or full (--compile)
     enable_cuda_graphs     replay a recorded CUDA graph of the UNet step (--cuda-graphs)
     enable_offload         models in host memory, lent to the GPU while they run (--offload)

@@ -180,16 +180,10 @@ class Encoder(nn.Module):
 
 @dataclass
 class DiagonalGaussian:
-    """q(z|x) = N(mean, exp(logvar)), per latent element (sgm DiagonalGaussianDistribution)."""
+    """q(z|x) = N(mean, exp(logvar)) per latent element (sgm DiagonalGaussianDistribution), of which
+    only the mode is ever used (a latent is the mean, never a sample): the log-variance is not kept."""
 
     mean: torch.Tensor
-    logvar: torch.Tensor
-
-    @classmethod
-    def from_moments(cls, moments):
-        mean, logvar = moments.chunk(2, dim=1)
-        # the reference clamps log σ² to [-30, 20] so exp() stays finite
-        return cls(mean, logvar.clamp(-30.0, 20.0))
 
     def mode(self):
         return self.mean
@@ -277,8 +271,8 @@ class AutoencoderKL(nn.Module):
         return dtype
 
     def encode(self, x) -> DiagonalGaussian:
-        moments = self.quant_conv(self.encoder(x.to(self._dtype())))
-        return DiagonalGaussian.from_moments(moments)
+        mean, _logvar = self.quant_conv(self.encoder(x.to(self._dtype()))).chunk(2, dim=1)  # the moments
+        return DiagonalGaussian(mean)
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z.to(self._dtype())))

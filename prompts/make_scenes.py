@@ -16,8 +16,11 @@ exactly once (the word the pseudo-word is inserted before) and no other subject 
 import json
 import os
 import random
+import sys
 
-SUBJECTS = ("man", "woman", "boy", "girl", "person")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from data import PEOPLE  # noqa: E402  (the subject words, in the order the file lists them)
+
 PER_SETTING = 50  # sentences per setting and subject, as in the paper
 
 # Activities in a place, as "-ing" clauses that follow "a <subject> is". None names a person
@@ -221,7 +224,7 @@ def main(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes.j
     rng = random.Random(2025)  # the paper's year: any fixed seed, so the file is reproducible
     with open(path, "w", encoding="utf-8") as f:
         for setting in ACTIVITIES:
-            for subject in SUBJECTS:
+            for subject in PEOPLE:
                 for prompt in sentences(setting, subject, rng):
                     f.write(json.dumps({"setting": setting, "subject": subject, "prompt": prompt}) + "\n")
     print(path)

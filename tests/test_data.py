@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import data
-from data import CelebA, DataConfig, LatentCache, collate
+import folders
+from data import DataConfig, ImageFolder, LatentCache, collate
 from model.errors import UserError
 
 # The 40 attributes in the column order of CelebA's list_attr_celeba.txt.
@@ -81,7 +82,7 @@ def append_line(path, line):
 
 def dataset(root, **kw):
     cache = kw.pop("cache", None)
-    return CelebA(DataConfig(root=str(root), resolution=kw.pop("resolution", 64), **kw), cache=cache)
+    return ImageFolder(DataConfig(root=str(root), resolution=kw.pop("resolution", 64), **kw), cache=cache)
 
 
 def test_official_flat_layout_counts_missing_unreadable_and_unannotated_in_one_summary_line(tmp_path):
@@ -264,7 +265,7 @@ def test_captions_failing_the_caption_test_are_dropped_before_training(tmp_path)
               "captions": ["a girl reading", "a girl in a park", "LONG " * 80 + "a girl at the end"]}]
     with open(tmp_path / "captions.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
-    ds = CelebA(DataConfig(root=str(tmp_path), resolution=64), caption_ok=lambda caption, concept: len(caption) < 100)
+    ds = ImageFolder(DataConfig(root=str(tmp_path), resolution=64), caption_ok=lambda caption, concept: len(caption) < 100)
     for epoch in range(6):
         ds.set_epoch(epoch)
         assert set(ds[0]["captions"]) == {"a girl reading", "a girl in a park"}
@@ -537,9 +538,9 @@ def test_image_readability_check_catches_truncated_and_accepts_trailing_bytes(tm
     with open(padded, "ab") as f:
         f.write(b"\x00" * 100)  # some cameras append data after the end marker
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
-    assert data.image_is_readable(good) and data.image_is_readable(padded) and data.image_is_readable(png)
-    assert not data.image_is_readable(cut)
-    assert not data.image_is_readable(str(tmp_path / "absent.jpg"))
+    assert folders.image_is_readable(good) and folders.image_is_readable(padded) and folders.image_is_readable(png)
+    assert not folders.image_is_readable(cut)
+    assert not folders.image_is_readable(str(tmp_path / "absent.jpg"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,3 +680,22 @@ def test_a_truncated_webp_is_counted_unreadable(tmp_path):
     truncate(tmp_path / "park" / "deep" / "max.webp")
     ds = dataset(tmp_path)
     assert len(ds) == 2 and ds.summary.endswith("skipped 1 of 3 images: 1 unreadable")
+
+
+def test_an_image_folder_whose_masks_are_not_laid_out_like_its_images_says_where_masks_go(tmp_path):
+    """A user's folder: images in sub-folders, masks/ flat (masks/pet00.png for indoor/pet00.jpg).
+    The error names the first image without a mask, the path its mask was looked for at, the
+    layout masks/ must mirror, and the mask of its name found elsewhere."""
+    make_image_folder(str(tmp_path), names=("indoor/pet00.jpg", "indoor/pet01.jpg", "outdoor/pet02.jpg"))
+    for name in ("pet00", "pet01"):
+        os.replace(tmp_path / "masks" / "indoor" / f"{name}.png", tmp_path / "masks" / f"{name}.png")
+    where = os.path.join(str(tmp_path), "masks", "indoor", "pet00.png")
+    ds = dataset(tmp_path)  # outdoor/pet02.jpg still has its mask: the summary says why two were skipped
+    assert [item[0] for item in ds.items] == ["outdoor/pet02.jpg"]
+    assert ds.summary.endswith(f"skipped 2 of 3 images: 2 without annotations (the first without a mask, "
+                               f"indoor/pet00.jpg, has none at {where}: masks/ must mirror the image folder, each "
+                               f"mask at its image's path and name with .png; masks/pet00.png is there, at another path)")
+    os.replace(tmp_path / "masks" / "outdoor" / "pet02.png", tmp_path / "masks" / "pet02.png")
+    with pytest.raises(UserError, match=re.escape(f"3 without annotations (the first without a mask, indoor/pet00.jpg, "
+                                                  f"has none at {where}: masks/ must mirror the image folder")):
+        dataset(tmp_path)

@@ -48,7 +48,7 @@ def test_timesteps_equal_diffusers_for_every_valid_step_count():
 
 @pytest.mark.parametrize("n", [0, 1000, -3])
 def test_timesteps_reject_impossible_step_counts_in_one_sentence(n):
-    with pytest.raises(UserError, match="between 1 and 999"):
+    with pytest.raises(UserError, match=f"--steps {n}: use at least 1 step and at most 999"):
         ddim.timesteps(n)
 
 
@@ -195,7 +195,7 @@ def test_guidance_one_never_reads_the_unconditional_prediction():
 
 @pytest.mark.parametrize("eta", [-0.1, 1.5])
 def test_eta_outside_zero_one_is_a_user_error(eta):
-    with pytest.raises(UserError, match="eta must be between 0"):
+    with pytest.raises(UserError, match=f"--eta {eta}: use a number from 0"):
         ddim.sample(lambda x, t: (x, x), torch.zeros(1, 4, 2, 2), 10, 5.0, eta)
 
 

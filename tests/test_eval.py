@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
 from model import checkpoint, clip, mapper
 from model.errors import UserError
@@ -155,16 +156,16 @@ def scenes():
 
 def test_portraits_is_the_paper_template_for_the_five_subject_words():
     prompts = ev.load_prompt_set("portraits")
-    assert prompts == {s: [f"A {s} is looking at the camera."] for s in ev.SUBJECTS}
+    assert prompts == {s: [f"A {s} is looking at the camera."] for s in data.PEOPLE}
 
 
 def test_scenes_has_50_sentences_per_setting_and_subject_and_no_duplicates():
     records = scenes()
     assert len(records) == 1000
     settings = {"daily life", "professional environments", "cultural or recreational occasions", "outdoor activities"}
-    assert {r["setting"] for r in records} == settings and {r["subject"] for r in records} == set(ev.SUBJECTS)
+    assert {r["setting"] for r in records} == settings and {r["subject"] for r in records} == set(data.PEOPLE)
     for setting in settings:
-        for subject in ev.SUBJECTS:
+        for subject in data.PEOPLE:
             assert sum(r["setting"] == setting and r["subject"] == subject for r in records) == 50
     assert len({r["prompt"].lower() for r in records}) == 1000
 
@@ -173,7 +174,7 @@ def test_every_scene_names_its_subject_word_once_as_a_token_and_fits_77_tokens_w
     tokenizer = clip.Tokenizer.bundled(pad="eos")
     for r in scenes():
         ids = tokenizer.encode(r["prompt"])
-        for word in ev.SUBJECTS:
+        for word in data.PEOPLE:
             w = tokenizer.encode(word)
             hits = sum(ids[p:p + len(w)] == w for p in range(len(ids)))
             assert hits == (word == r["subject"]), (word, r["prompt"])
@@ -212,7 +213,7 @@ def test_plan_gives_every_image_its_own_seed_and_no_code_the_same_prompts_and_se
     jobs = ev.plan(prompts, codes=20, images_per_code=10)
     assert len(jobs) == 1000 and len({j.seed for j in jobs}) == 1000
     assert len({j.code for j in jobs}) == 100  # one code per identity, none shared across subject words
-    for subject in ev.SUBJECTS:  # 20 × 10 = each subject word's 200 prompts, each once
+    for subject in data.PEOPLE:  # 20 × 10 = each subject word's 200 prompts, each once
         assert sorted(j.prompt for j in jobs if j.subject == subject) == sorted(prompts[subject])
     first = [j for j in jobs if j.identity == "woman-code20"]
     assert len({j.prompt for j in first}) == 10  # an identity meets ten different scenes
@@ -252,19 +253,6 @@ def eval_args(tiny, out, *extra):
                              "--width", SIZE, "--height", SIZE, "--device", "cpu", "--batch-size", 3, *extra]]
 
 
-def test_a_batch_makes_the_images_generate_makes_one_by_one(tiny):
-    model = SDXL.load(tiny.weights)
-    f = checkpoint.load_mapper(ev.mapper_file(tiny.mapper))
-    prompts, seeds, codes = ["a woman reading", "a man surfing at dawn"], [3, 11], [5, 8]
-    z = torch.stack([mapper.code_to_z(c, f.config.z_dim) for c in codes])
-    w_l, w_g = f(z)
-    batch = ev.generate_batch(model, prompts, seeds, [(w_l, w_g, ["woman", "man"])], 2, 5.0, 0.5, SIZE, SIZE)
-    for b in range(2):
-        alone = model.generate(prompts[b], seeds[b], steps=2, guidance=5.0, eta=0.5, width=SIZE, height=SIZE,
-                               subjects=[(w_l[b], w_g[b], ["woman", "man"][b])])
-        assert np.abs(batch[b].astype(int) - alone.astype(int)).max() <= 1  # float32 batch rounding at most
-
-
 @pytest.fixture(scope="module")
 def portraits(tiny):
     out = tiny.root / "portraits"
@@ -277,7 +265,7 @@ def test_eval_writes_metrics_report_images_and_a_contact_sheet_per_subject_word(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["generated"] == 20  # 5 subject words × 2 codes × 2 images
     rows = metrics["rows"]
-    assert set(rows) == {"all", *ev.SUBJECTS} and rows["all"]["images"] == 20 and rows["woman"]["identities"] == 2
+    assert set(rows) == {"all", *data.PEOPLE} and rows["all"]["images"] == 20 and rows["woman"]["identities"] == 2
     # 64-px images from a random tiny SDXL hold no face: counted, listed, and no made-up Face Sim.
     assert rows["all"]["no_face"] == 20 and len(metrics["no_face_images"]) == 20
     assert rows["all"]["face_sim"] is None and rows["all"]["face_div"] is None  # NaN in JSON: null
@@ -288,7 +276,7 @@ def test_eval_writes_metrics_report_images_and_a_contact_sheet_per_subject_word(
     assert "20 of 20 images had no detectable face (dlib)" in report and "| woman | 4 | 4 | n/a |" in report
     prompts = json.loads((out / "images" / "prompts.json").read_text())
     assert prompts["woman-code2/000-seed4.png"] == "A woman is looking at the camera."
-    for subject in ev.SUBJECTS:
+    for subject in data.PEOPLE:
         with Image.open(out / f"contact_{subject}.png") as sheet:
             assert sheet.size == (2 * 128, 2 * 128)  # rows = codes, columns = images
 
@@ -379,7 +367,7 @@ def test_no_code_is_plain_sdxl_on_the_same_prompts_and_seeds(tiny):
     with Image.open(path) as im:
         settings = json.loads(im.text["parameters"])
     assert settings["code"] is None and settings["seed"] == 1 and settings["prompt"] == "A man is looking at the camera."
-    plain = SDXL.load(tiny.weights).generate("A man is looking at the camera.", 1, steps=2, width=SIZE, height=SIZE)
+    plain = SDXL.load(tiny.weights).generate(["A man is looking at the camera."], [1], steps=2, width=SIZE, height=SIZE)[0]
     assert np.abs(ev.read_rgb(path).astype(int) - plain).max() <= 1
 
 
@@ -397,6 +385,46 @@ def test_torchrun_splits_generation_and_scores_every_image_once(tiny):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["generated"] == 10 and metrics["rows"]["all"]["images"] == 10
     assert len(list((out / "images").rglob("*.png"))) == 10 and not list((out / "images").rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def bench_tiny(tmp_path_factory):
+    """bench.py's tiny SDXL (a one-level UNet: three distinct compiled blocks) as an official single
+    file, a tiny random CLIP, and a one-line prompt set: the smallest eval.py run inductor compiles."""
+    from safetensors.torch import save_file
+
+    from bench import bench
+    from model.checkpoint import PREFIX
+
+    root = tmp_path_factory.mktemp("bench_tiny")
+    models = bench.build_ours(bench.tiny_size(), torch.device("cpu"), torch.float32, seed=0)
+    weights = str(root / "tiny.safetensors")
+    save_file({PREFIX[name] + k: v.contiguous() for name, m in models.items() for k, v in m.state_dict().items()}, weights)
+    (root / "one.txt").write_text("A woman is looking at the camera.\n")
+    return SimpleNamespace(weights=weights, clip=save_as_hub_folder(tiny_transformers_clip(), str(root / "clip")),
+                           prompts=str(root / "one.txt"))
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_every_compile_mode_generates_the_eager_images(bench_tiny, tmp_path, mode):
+    """--compile MODE through eval.py's whole command, compiled by inductor (gcc on the CPU): the
+    images are made, by compiled graphs, and are the eager ones. (Inductor caches its kernels on
+    disk: about 10 s a mode with that cache warm; with it empty, about 80 s of CPU for the two,
+    most of it for `full`, which compiles the whole UNet and the VAE decoder.)"""
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / mode
+    graphs = counters["stats"]["unique_graphs"]
+    ev.main([str(a) for a in ["--weights", bench_tiny.weights, "--no-code", "--clip", bench_tiny.clip, "--out", out,
+                              "--set", bench_tiny.prompts, "--face-model", "dlib", "--codes", 1, "--images-per-code", 2,
+                              "--steps", 1, "--width", SIZE, "--height", SIZE, "--device", "cpu", "--batch-size", 2,
+                              "--compile", mode]])
+    assert counters["stats"]["unique_graphs"] > graphs
+    eager = SDXL.load(bench_tiny.weights).generate(["A woman is looking at the camera."] * 2, [0, 1], steps=1,
+                                                   width=SIZE, height=SIZE)
+    for m in range(2):
+        image = ev.read_rgb(out / "images" / "woman-group0" / f"{m:03d}-seed{m}.png")
+        assert np.abs(image.astype(int) - eager[m]).max() <= 1
 
 
 def test_images_mode_scores_other_methods_folders_with_the_same_code(tiny, tmp_path):

@@ -11,7 +11,9 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = ["attention", "clip", "unet", "vae", "ddim", "sdxl", "mapper"]
-BUDGET = 1600  # lines, the seven chapters together, comments and PITFALLs included
+# lines, the seven chapters together, comments and PITFALLs included (1,600 until SDXL.generate became the one
+# batched path every command calls: its batches and per-image pseudo-words took ten lines)
+BUDGET = 1610
 
 
 def read(path):

@@ -1,6 +1,8 @@
 """model/mapper.py: codes, the mapping network, concept lookup, insertion (eq. 4), mapper files."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,8 @@ from model.mapper import (
     insert_many,
     insert_subjects,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BOS, EOS = 49406, 49407  # CLIP's special tokens (model/clip.py defines them; restated so this test stands alone)
 TINY = MapperConfig(z_dim=16, depth=3, hidden=32, token_widths=(24, 40))
@@ -337,3 +341,24 @@ def test_pseudo_words_land_before_concepts_in_real_clip_token_sequences(pad):
     e_hat, eos_hat = insert_subjects(e[:1], eos[:1], ids[:1], tok, subjects[1:], prompts[:1])
     assert e_hat[0, :9, 0].tolist() == [clip.BOS_ID, 320, 1125, 539, 320, -2, 2308, 2337, clip.EOS_ID]
     assert eos_hat.tolist() == [eos[0].item() + 1] and e_hat[0, 9, 0].item() == tok.pad_id
+
+
+def test_the_same_mapper_saved_by_two_processes_is_the_same_bytes(tmp_path):
+    # safetensors orders metadata as a Rust HashMap does, differently in every process: a file's bytes (and
+    # so its SHA-256, which the shipped toy model's manifest and the embeddings' metadata name) would change
+    # from run to run without the sorted header.
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
+        "from model.checkpoint import save_mapper\n"
+        "from model.mapper import Mapper, MapperConfig\n"
+        "torch.manual_seed(0)\n"
+        "f = Mapper(MapperConfig(z_dim=4, depth=2, hidden=8, token_widths=(6, 10)),"
+        " [(torch.zeros(6), torch.ones(6)), (torch.zeros(10), torch.ones(10))])\n"
+        "save_mapper(sys.argv[2], f, metadata={k: 'value ' + k + ' γ' for k in 'abcdefghij'})\n")
+    files = [tmp_path / f"m{k}.safetensors" for k in range(4)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", script, ROOT, str(path)], check=True)
+    assert len({path.read_bytes() for path in files}) == 1
+    loaded = checkpoint.load_mapper(str(files[0]))
+    meta = checkpoint.read_metadata(str(files[0]))
+    assert meta["c"] == "value c γ" and meta["format"] == "cocoins-mapper" and loaded.config.hidden == 8

@@ -491,7 +491,7 @@ def test_time_ids_are_exact_float32_in_a_bfloat16_model_and_t_stays_integer(tiny
     model.unet = spy_unet
     # 2056 is not a bfloat16 number (8 significant bits round it to 2048).
     with pytest.raises(Stop):
-        model.generate("a woman", seed=0, steps=3, width=1016, height=2056)
+        model.generate(["a woman"], [0], steps=3, width=1016, height=2056)
     assert seen["time_ids"].dtype == torch.float32
     assert seen["time_ids"].tolist() == [[2056.0, 1016.0, 0.0, 0.0, 2056.0, 1016.0]] * 2
     assert seen["t"].dtype == torch.int64 and seen["t"].tolist() == [667, 667]
@@ -573,3 +573,92 @@ def test_decode_rounds_the_vae_output_to_the_nearest_uint8():
     images = model.decode(torch.zeros(1, 4, 1, 1))
     assert images.dtype == np.uint8 and images.shape == (1, 1, len(want), 3)
     assert images[0, 0, :, 0].tolist() == want
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: one batched path, each image as it would be alone
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def one_image_as_before(model: SDXL, prompt, seed, negative_prompt="", steps=30, guidance=5.0, eta=0.0,
+                        width=1024, height=1024, subjects=None):
+    """A frozen copy of the one-image SDXL.generate that sample.py called before generation was
+    batched (its math line for line, without the offload and CUDA-graph hooks): the images
+    sample.py wrote then, which it must still write bit for bit."""
+    from model import ddim
+
+    context, pooled = model.encode_prompt([prompt], subjects)
+    neg_context, neg_pooled = model.encode_negative(negative_prompt if guidance != 1 else "", 1, context, pooled)
+    time_ids = model.time_ids(height, width, 2, model.device)
+    n = 1 if guidance == 1 else 2
+    cond = (torch.cat([context, neg_context])[:n].to(model.dtype), torch.cat([pooled, neg_pooled])[:n].to(model.dtype),
+            time_ids[:n].contiguous())
+
+    def eps_fn(x_t, t):
+        eps = model.unet(x_t.repeat(n, 1, 1, 1).to(model.dtype), t.repeat(n), *cond).float()
+        return eps.chunk(2) if n == 2 else (eps, None)
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x_T = ddim.randn((1, 4, height // 8, width // 8), generator, model.device, torch.float32)
+    x_0 = ddim.sample(eps_fn, x_T, steps, guidance, eta, generator)
+    return model.decode(x_0)[0]
+
+
+def pseudo_words(n, seed=0):
+    """n random pseudo-words per tiny encoder (CLIP-L 64 wide, bigG 128), about a token's size."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=g) * 0.05, torch.randn(n, 128, generator=g) * 0.05
+
+
+GENERATE_CASES = {  # name -> (prompt, seed, keyword arguments)
+    "plain": ("a woman reading a book", 0, dict(steps=3)),
+    "negative_prompt_eta_1": ("a portrait photo of a man", 7, dict(negative_prompt="blurry", steps=3, guidance=7.5, eta=1.0)),
+    "guidance_1": ("a red bicycle by a wall", 5, dict(steps=2, guidance=1.0)),
+    "pseudo_word_eta_half": ("a woman surfing a wave", 3, dict(steps=3, eta=0.5, subjects="woman")),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES.values(), ids=GENERATE_CASES.keys())
+def test_one_image_is_bit_for_bit_the_image_the_one_image_pipeline_made(tiny, case):
+    model = tiny[3]
+    prompt, seed, kwargs = case
+    if "subjects" in kwargs:
+        w_l, w_g = pseudo_words(1)
+        kwargs = {**kwargs, "subjects": [(w_l[0], w_g[0], kwargs["subjects"])]}
+    image = model.generate([prompt], [seed], width=64, height=64, batch_size=1, **kwargs)
+    before = one_image_as_before(model, prompt, seed, width=64, height=64, **kwargs)
+    assert image.shape == (1, 64, 64, 3) and before.std() > 10  # a real image, not a flat one
+    np.testing.assert_array_equal(image[0], before)
+
+
+def test_a_batch_gives_every_image_the_one_it_gets_alone_eta_noise_included(tiny):
+    """Three images, each with its own pseudo-word and concept, at η = 0.5: in one UNet batch they
+    equal the images made one at a time (float32 rounding of batched kernels at most: 1/255); in
+    batches of two, the third is alone in its batch and equal bit for bit; a batch_size larger
+    than N is one batch."""
+    model = tiny[3]
+    prompts, seeds, concepts = ["a woman reading", "a man surfing at dawn", "a woman in a red coat"], [3, 11, 3], ["woman", "man", "woman"]
+    w_l, w_g = pseudo_words(3)
+    kwargs = dict(steps=2, guidance=5.0, eta=0.5, width=64, height=64)
+    alone = [model.generate([prompts[i]], [seeds[i]], [(w_l[i], w_g[i], concepts[i])], **kwargs)[0] for i in range(3)]
+    batch = model.generate(prompts, seeds, [(w_l, w_g, concepts)], **kwargs)
+    in_twos = model.generate(prompts, seeds, [(w_l, w_g, concepts)], batch_size=2, **kwargs)
+    room_to_spare = model.generate(prompts, seeds, [(w_l, w_g, concepts)], batch_size=4, **kwargs)
+    assert batch.shape == in_twos.shape == (3, 64, 64, 3)
+    np.testing.assert_array_equal(room_to_spare, batch)
+    for i in range(3):
+        assert np.abs(batch[i].astype(int) - alone[i]).max() <= 1, i
+        assert np.abs(in_twos[i].astype(int) - alone[i]).max() <= 1, i
+    np.testing.assert_array_equal(in_twos[2], alone[2])
+    assert np.abs(alone[0].astype(int) - alone[2]).mean() > 1  # two seeds 3, two words: two images
+
+
+def test_a_shared_pseudo_word_and_concept_serve_every_image_of_the_batch(tiny):
+    model = tiny[3]
+    w_l, w_g = pseudo_words(1, seed=1)
+    kwargs = dict(steps=2, width=64, height=64)
+    prompts, seeds = ["a woman reading", "a woman surfing"], [1, 2]
+    shared = model.generate(prompts, seeds, [(w_l[0], w_g[0], "woman")], batch_size=1, **kwargs)
+    per_image = model.generate(prompts, seeds, [(w_l.expand(2, -1), w_g.expand(2, -1), ["woman", "woman"])],
+                               batch_size=1, **kwargs)
+    np.testing.assert_array_equal(shared, per_image)

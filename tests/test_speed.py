@@ -38,7 +38,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def reference_image(models):
-    return bench.make_sdxl(models, CPU, torch.float32).generate("a woman reading", seed=3, steps=3, width=PX, height=PX)
+    sdxl = bench.make_sdxl(models, CPU, torch.float32)
+    return sdxl.generate(["a woman reading"], [3], steps=3, width=PX, height=PX)[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +92,15 @@ def test_a_compiled_sampling_loop_does_not_recompile_after_its_first_step(models
     sdxl = bench.make_sdxl(bench.same_weights(models), CPU, torch.float32)
     speed.compile(sdxl, mode)
     before = graphs_compiled()
-    sdxl.generate("a woman reading", seed=3, steps=1, width=PX, height=PX)  # the first step compiles
+    sdxl.generate(["a woman reading"], [3], steps=1, width=PX, height=PX)  # the first step compiles
     # full: the whole UNet and the VAE decoder, one graph each; regional: the UNet's 3 distinct blocks
     assert graphs_compiled() - before == {"full": 2, "regional": 3}[mode]
     before = graphs_compiled()
     # Every later step (a new timestep each time), prompt, seed and guidance scale must reuse
     # what the first step compiled; dynamo raises on any recompilation.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        image = sdxl.generate("a woman reading", seed=3, steps=3, width=PX, height=PX)
-        sdxl.generate("a man surfing", seed=4, steps=4, guidance=7.5, width=PX, height=PX)
+        image = sdxl.generate(["a woman reading"], [3], steps=3, width=PX, height=PX)[0]
+        sdxl.generate(["a man surfing"], [4], steps=4, guidance=7.5, width=PX, height=PX)
         # bench.py's step inputs, and contiguous copies as CUDAGraphed records with, are the
         # sampling loop's dtypes and strides: the same compiled graph (guards include strides)
         inputs = bench.unet_inputs(SIZE, 2, PX, CPU, torch.float32)
@@ -136,7 +137,7 @@ def test_offload_has_only_the_running_model_on_the_device_and_gives_the_same_ima
     for name, module in (("clip_l", sdxl.clip_l), ("clip_g", sdxl.clip_g), ("unet", sdxl.unet),
                          ("vae", sdxl.vae.decoder)):
         module.register_forward_pre_hook(lambda module, args, name=name: on_device.setdefault(name, set()).add(lent()))
-    image = sdxl.generate("a woman reading", seed=3, steps=3, width=PX, height=PX)
+    image = sdxl.generate(["a woman reading"], [3], steps=3, width=PX, height=PX)[0]
     text = {frozenset({sdxl.clip_l, sdxl.clip_g})}
     assert on_device == {"clip_l": text, "clip_g": text, "unet": {frozenset({sdxl.unet})},
                          "vae": {frozenset({sdxl.vae})}}
@@ -223,27 +224,41 @@ def test_gpu_generate_with_cuda_graphs_gives_the_same_image():
     cuda = torch.device("cuda")
     models = bench.build_ours(SIZE, cuda, torch.bfloat16, seed=0)
     sdxl = bench.make_sdxl(models, cuda, torch.bfloat16)
-    plain = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
+    plain = sdxl.generate(["a woman reading"], [3], steps=4, width=PX, height=PX)[0]
     speed.enable_cuda_graphs(sdxl)
     for _ in range(2):
-        image = sdxl.generate("a woman reading", seed=3, steps=4, width=PX, height=PX)
+        image = sdxl.generate(["a woman reading"], [3], steps=4, width=PX, height=PX)[0]
         assert np.abs(image.astype(int) - plain).max() <= 1
     assert len(sdxl.graphed_unet.graphs) == 1
     with pytest.raises(UserError, match="cannot be combined"):
         speed.enable_offload(sdxl, cuda)
 
 
+@gpu
+def test_gpu_cuda_graphs_record_each_batch_shape_of_a_batched_generate():
+    """Three images in batches of two: the UNet sees batches of 4 and then 2 (two halves each), so
+    two graphs are recorded, and every image is the one the kernels launched one by one give."""
+    cuda = torch.device("cuda")
+    sdxl = bench.make_sdxl(bench.build_ours(SIZE, cuda, torch.bfloat16, seed=0), cuda, torch.bfloat16)
+    prompts, seeds = ["a woman reading", "a man surfing", "a lighthouse at dawn"], [3, 4, 5]
+    plain = sdxl.generate(prompts, seeds, steps=4, width=PX, height=PX, batch_size=2)
+    speed.enable_cuda_graphs(sdxl)
+    image = sdxl.generate(prompts, seeds, steps=4, width=PX, height=PX, batch_size=2)
+    assert sorted(key[0][0][0] for key in sdxl.graphed_unet.graphs) == [2, 4]  # x_t's batch in each recording
+    assert np.abs(image.astype(int) - plain).max() <= 1
+
+
 def test_guidance_1_runs_the_conditional_half_alone(models, monkeypatch):
     """ε̂ = ε_c at guidance 1: the UNet sees batch 1 and the negative prompt is never encoded,
     and the image is the one the two-half path would give (ε_u is not read there either)."""
     sdxl = bench.make_sdxl(models, CPU, torch.float32)
-    kwargs = dict(seed=3, steps=2, guidance=1.0, width=PX, height=PX)
-    plain = sdxl.generate("a woman reading", **kwargs)
+    kwargs = dict(steps=2, guidance=1.0, width=PX, height=PX)
+    plain = sdxl.generate(["a woman reading"], [3], **kwargs)
     batches, encoded = [], []
     unet_forward, encode = type(sdxl.unet).forward, sdxl.encode_prompt
     monkeypatch.setattr(type(sdxl.unet), "forward", lambda self, x, *a: batches.append(len(x)) or unet_forward(self, x, *a))
     monkeypatch.setattr(sdxl, "encode_prompt", lambda prompts, *a: encoded.append(prompts) or encode(prompts, *a))
-    image = sdxl.generate("a woman reading", negative_prompt="blurry", **kwargs)
+    image = sdxl.generate(["a woman reading"], [3], negative_prompt="blurry", **kwargs)
     assert batches == [1, 1] and encoded == [["a woman reading"]]
     np.testing.assert_array_equal(image, plain)
 

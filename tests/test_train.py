@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import step
 import train
 from losses import LossConfig, cocoins_loss
 from model.checkpoint import current_umask, read_metadata
@@ -163,6 +165,18 @@ def test_train_py_draws_a_labelled_sample_grid_of_codes_by_prompts(tiny, tmp_pat
     assert left > 0 and top > 0
     pixels = np.asarray(grid.convert("L"))
     assert pixels[:top].min() < 128 and pixels[top:, :left].min() < 128
+    # Cell (row r, column c) is code r in prompt c from seed c, as sample.py would draw it alone
+    # (the grid is one batched call: within float32 batch rounding, 1/255).
+    from model.mapper import code_to_z
+
+    model, f = SDXL.load(tiny.weights), load_mapper(str(out / "mapper.safetensors"))
+    cells = np.asarray(grid.convert("RGB")).astype(int)
+    for r, code in enumerate(train.SAMPLE_CODES):
+        w_l, w_g = f(code_to_z(code, f.config.z_dim)[None])
+        for c, (prompt, concept) in enumerate(train.SAMPLE_PROMPTS):
+            alone = model.generate([prompt], [c], [(w_l[0], w_g[0], concept)], steps=2, width=SIZE, height=SIZE)[0]
+            cell = cells[top + r * SIZE : top + (r + 1) * SIZE, left + c * SIZE : left + (c + 1) * SIZE]
+            assert np.abs(cell - alone).max() <= 1, (r, c)
 
 
 def test_a_run_folder_says_what_its_mapper_is(trained, tiny, capsys):
@@ -471,15 +485,24 @@ def test_a_log_line_cut_short_does_not_stop_a_resume(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-def test_cuda_generator_states_of_more_gpus_than_this_machine_has_are_skipped(monkeypatch):
-    """A run saved under torchrun on 8 GPUs, resumed on one: one state is restored, no IndexError."""
-    restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
-    states = train.rng_states() | {"cuda": [torch.zeros(8, dtype=torch.uint8)] * 8}
-    train.set_rng_states(states)
-    assert restored == [0]
+def test_a_state_pt_written_with_generator_states_still_resumes(tiny, tmp_path):
+    """Runs saved before the global generators' states were dropped from state.pt (nothing in a
+    step draws from them) carry an "rng" entry: a resume ignores it and continues as without it."""
+    import shutil
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    train.main(argv(tiny, new, steps=1))
+    shutil.copytree(new, old)
+    state = torch.load(old / "state.pt", weights_only=True)
+    assert "rng" not in state
+    state["rng"] = {"torch": torch.get_rng_state(), "cuda": [], "python": [3, list(range(625)), None],
+                    "numpy": ["MT19937", list(range(624)), 0, 0, 0.0]}  # as older train.py wrote it
+    torch.save(state, old / "state.pt")
+    for out in (new, old):
+        train.main(argv(tiny, out, "--resume", steps=2))
+    a, b = mapper_tensors(new), mapper_tensors(old)
+    assert all(torch.equal(a[k], b[k]) for k in a) and read_log(old) == read_log(new)
+    assert torch.load(old / "state.pt", weights_only=True)["step"] == 2
 
 
 def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(tiny, tmp_path, monkeypatch):
@@ -488,7 +511,7 @@ def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(ti
 
     data = tmp_path / "celeba"
     shutil.copytree(tiny.data, data)
-    original = train.CelebA.__init__
+    original = train.ImageFolder.__init__
 
     def then_vanish(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -497,7 +520,7 @@ def test_images_that_vanish_during_training_end_in_one_sentence_from_a_worker(ti
 
     args = argv(tiny, tmp_path / "run")
     args[args.index("--data") + 1], args[args.index("--num-workers") + 1] = str(data), "1"
-    monkeypatch.setattr(train.CelebA, "__init__", then_vanish)
+    monkeypatch.setattr(train.ImageFolder, "__init__", then_vanish)
     with pytest.raises(UserError) as e:
         train.main(args)
     assert str(e.value).startswith("6 images in a row could not be read from") and "Traceback" not in str(e.value)
@@ -514,7 +537,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_p
             terms.total = terms.total * float("nan")
         return terms
 
-    monkeypatch.setattr(train, "cocoins_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(step, "cocoins_loss", loss_nan_at_step_3)
     with pytest.raises(UserError, match=r"the loss became nan at step 3, so training stopped without taking it "
                                         r"\(.*mapper.safetensors and state.pt still hold step 2\)"):
         train.main(argv(tiny, out, "--checkpoint-every", 2, steps=4))
@@ -544,11 +567,11 @@ def step_case(tiny):
         "time_ids": torch.tensor([[218.0, 178, 0, 0, 64, 64], [218.0, 178, 10, 2, 64, 64]]),
     }
     x0 = torch.randn(2, 4, 8, 8, generator=g)
-    noise = train.draw_noise(seed=0, rank=0, step=5, B=2, latent_shape=(4, 8, 8), z_dim=16, t_min=200, t_max=800)
+    noise = step.draw_noise(seed=0, rank=0, step=5, B=2, latent_shape=(4, 8, 8), z_dim=16, t_min=200, t_max=800)
     return model, f, x0, batch, noise
 
 
-def five_separate_passes(model, f, x0, batch, noise, k, K, config, step_config=train.StepConfig()):
+def five_separate_passes(model, f, x0, batch, noise, k, K, config, step_config=step.StepConfig()):
     """Eq. 5-9 written out pass by pass, each prompt encoded alone through SDXL.encode_prompt.
 
     With step_config's ablations: the positive takes caption P1 ("same prompts"), noise ε1
@@ -590,17 +613,17 @@ def loss_and_grads(fn, f, *args):
 
 
 @pytest.mark.parametrize("step_config", [
-    train.StepConfig(),
-    train.StepConfig(positive_prompt="same"),  # Table 5, "same prompts"
-    train.StepConfig(positive_noise="same"),  # Table 5, "same noise"
-    train.StepConfig(time_ids="sampling"),
+    step.StepConfig(),
+    step.StepConfig(positive_prompt="same"),  # Table 5, "same prompts"
+    step.StepConfig(positive_noise="same"),  # Table 5, "same noise"
+    step.StepConfig(time_ids="sampling"),
 ], ids=["paper", "same-prompt", "same-noise", "sampling-time-ids"])
 def test_batched_3b_and_2b_passes_equal_five_separate_passes(step_case, step_config):
     model, f, x0, batch, noise = step_case
     config = LossConfig(gamma=0.5)  # a weighty negative term, so its gradient counts in the comparison
-    batched, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, config, step_config)
+    batched, grads = loss_and_grads(step.cocoins_step, f, model, f, x0, batch, noise, 3, 4, config, step_config)
     separate, expected = loss_and_grads(five_separate_passes, f, model, f, x0, batch, noise, 3, 4, config, step_config)
-    if step_config != train.StepConfig():
+    if step_config != step.StepConfig():
         # the flag changes the step: a flag that did nothing would match the paper's triplets
         paper = five_separate_passes(model, f, x0, batch, noise, 3, 4, config)
         assert not torch.allclose(batched.l_pos, paper.l_pos, rtol=1e-3)
@@ -618,10 +641,10 @@ def test_batched_3b_and_2b_passes_equal_five_separate_passes(step_case, step_con
 
 def test_gradient_checkpointing_gives_the_same_gradients(step_case):
     model, f, x0, batch, noise = step_case
-    plain, grads = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
+    plain, grads = loss_and_grads(step.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
     model.unet.gradient_checkpointing = True
     try:
-        checkpointed, grads_ckpt = loss_and_grads(train.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
+        checkpointed, grads_ckpt = loss_and_grads(step.cocoins_step, f, model, f, x0, batch, noise, 3, 4, LossConfig())
     finally:
         model.unet.gradient_checkpointing = False
     assert torch.equal(plain.total, checkpointed.total)
@@ -630,7 +653,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(step_case):
 
 
 def test_step_noise_is_a_function_of_seed_rank_and_step():
-    draw = lambda seed, rank, step: train.draw_noise(seed, rank, step, 2, (4, 8, 8), 16, 200, 800)  # noqa: E731
+    draw = lambda seed, rank, k: step.draw_noise(seed, rank, k, 2, (4, 8, 8), 16, 200, 800)  # noqa: E731
     a, b = draw(0, 0, 7), draw(0, 0, 7)
     assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("z1", "z2", "eps1", "eps2", "t"))
     assert not torch.equal(a.z1, a.z2) and not torch.equal(a.eps1, a.eps2)
@@ -641,10 +664,10 @@ def test_step_noise_is_a_function_of_seed_rank_and_step():
 
 def test_vae_fingerprint_follows_the_weights_not_the_file_layout(tiny):
     single, folder = SDXL.load(tiny.weights), SDXL.load(tiny.folder)
-    assert train.vae_fingerprint(single) == train.vae_fingerprint(folder)
+    assert data.vae_fingerprint(single.vae) == data.vae_fingerprint(folder.vae)
     with torch.no_grad():
         single.vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
-    assert train.vae_fingerprint(single) != train.vae_fingerprint(folder)
+    assert data.vae_fingerprint(single.vae) != data.vae_fingerprint(folder.vae)
 
 
 # -- several processes -----------------------------------------------------------------------
@@ -657,14 +680,15 @@ def test_vae_fingerprint_follows_the_weights_not_the_file_layout(tiny):
 COMBINED_BATCH_DRIVER = """
 import os, sys
 from safetensors.torch import save_file
+import step
 import train
 
 world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 draw_noise, cocoins_step, seen = train.draw_noise, train.cocoins_step, []
 
-def rows_of_the_combined_draw(seed, rank, step, B, *rest):
-    n = draw_noise(seed, 0, step, B * world, *rest)
-    return train.StepNoise(*(x[rank::world] for x in (n.z1, n.z2, n.eps1, n.eps2, n.t)))
+def rows_of_the_combined_draw(seed, rank, k, B, *rest):
+    n = draw_noise(seed, 0, k, B * world, *rest)
+    return step.StepNoise(*(x[rank::world] for x in (n.z1, n.z2, n.eps1, n.eps2, n.t)))
 
 def step_seeing_f(model, f, *args):
     seen.append(f)
@@ -736,7 +760,7 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     norm, loss_config, step_config = seen[0]
     assert norm == "none" and load_mapper(str(out / "mapper.safetensors")).config.norm == "none"
     assert (loss_config.negative, loss_config.mask, loss_config.mask_reduction) == ("subtract", "none", "area")
-    assert step_config == train.StepConfig(positive_prompt="same", positive_noise="same", time_ids="sampling")
+    assert step_config == step.StepConfig(positive_prompt="same", positive_noise="same", time_ids="sampling")
     (row,) = read_log(out)
     # subtract: l_neg = −d_neg; no mask: m̃ = 0, so L_back = 0; same prompt and noise: the positive is the anchor
     assert row["l_neg"] == pytest.approx(-row["d_neg"]) and row["d_neg"] > 0

