@@ -43,7 +43,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import ddim
 from model.checkpoint import load_mapper
 from model.mapper import Mapper, MapperConfig, code_to_z
 from model.sdxl import SDXL
@@ -178,33 +177,14 @@ def by_name_jobs(scale: Scale, truth: list[dict]) -> list[dict]:
     return jobs
 
 
-@torch.no_grad()
 def generate(model: SDXL, jobs: list[dict], words=None, steps: int = 20, guidance: float = 3.0,
              batch: int = 64) -> torch.Tensor:
-    """Images (N, 3, 64, 64) uint8 for jobs {"prompt", "seed", "concept"}; `words`: None, or (w_l, w_g), one
-    pseudo-word per job, inserted before its concept word."""
-    out = []
-    size = world.SIZE
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i : i + batch]
-        B = len(chunk)
-        subjects = None
-        if words is not None:
-            subjects = [(words[0][i : i + B], words[1][i : i + B], [j["concept"] for j in chunk])]
-        context, pooled = model.encode_prompt([j["prompt"] for j in chunk], subjects)
-        # PITFALL (SDXL base): the unconditional branch of an empty negative prompt is all zeros.
-        context = torch.cat([context, torch.zeros_like(context)])
-        pooled = torch.cat([pooled, torch.zeros_like(pooled)])
-        time_ids = model.time_ids(size, size, 2 * B, model.device)
-
-        def eps_fn(x_t, t):
-            return model.unet(torch.cat([x_t, x_t]), t.repeat(2), context, pooled, time_ids).float().chunk(2)
-
-        x_T = ddim.randn((B, 4, size // 8, size // 8), [torch.Generator().manual_seed(j["seed"]) for j in chunk],
-                         model.device, torch.float32)
-        x_0 = ddim.sample(eps_fn, x_T, steps, guidance)
-        out.append(torch.from_numpy(model.decode(x_0)).permute(0, 3, 1, 2))
-    return torch.cat(out)
+    """Images (N, 3, 64, 64) uint8 for jobs {"prompt", "seed", "concept"} through the pipeline's one
+    `SDXL.generate`; `words`: None, or (w_l, w_g), one pseudo-word per job, inserted before its concept word."""
+    subjects = None if words is None else [(words[0], words[1], [j["concept"] for j in jobs])]
+    images = model.generate([j["prompt"] for j in jobs], [j["seed"] for j in jobs], subjects, steps=steps,
+                            guidance=guidance, width=world.SIZE, height=world.SIZE, batch_size=batch)
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def code_words(mapper, jobs: list[dict]):

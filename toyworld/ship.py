@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import export
-from model.checkpoint import PREFIX, load_mapper, read_metadata
+from model.checkpoint import PREFIX, load_mapper, read_metadata, save_safetensors
 from toyworld import experiment, judge as judge_lib, world
 
 ROOT = experiment.ROOT
@@ -165,8 +165,7 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
         path = os.path.join(out, name)
         if name == "mapper.safetensors":  # (after base.safetensors, which it names)
             meta = shipped_mapper_metadata(mapper_meta, work, os.path.join(out, "base.safetensors"))
-        save_file(tensors, path + ".tmp", metadata=meta)
-        os.replace(path + ".tmp", path)
+        save_safetensors(path, tensors, meta)  # (metadata sorted: the same content, the same bytes)
         manifest["files"][name] = {"sha256": experiment.file_digest(path), "bytes": os.path.getsize(path)}
     with open(os.path.join(out, "manifest.json.tmp"), "w") as f:
         json.dump(manifest, f, indent=1)
