@@ -655,7 +655,8 @@ def load_mapper(path: str, device="cpu") -> Mapper:
         raise CheckpointError(f"the mapper config stored in {path} is unreadable ({err}); the file may be corrupt") from None
     # Placeholder statistics; the file's own are assigned with the weights just below.
     mapper = Mapper(config, [(torch.zeros(D), torch.ones(D)) for D in config.token_widths])
-    state = dict(stream_tensors(path, read_shapes(path), device=device))
+    # f computes in float32 whatever its file stores (a float16 file is half the size).
+    state = dict(stream_tensors(path, read_shapes(path), device=device, dtype=torch.float32))
     return load_strict(mapper.to(device), state, "mapper")
 
 

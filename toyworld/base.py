@@ -35,7 +35,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class BaseConfig:
     ema: float = 0.999  # the saved UNet is an exponential moving average of the trained one
     caption_dropout: float = 0.1  # share of steps' captions replaced by the unconditional zeros
     text: str = "trained"  # the CLIP towers: "trained" with the UNet (token tables frozen), or "frozen"
+    model_channels: int = 64  # the UNet's width (UNET's); another width is another base model of the same world
     seed: int = 0
 
     def vae_part(self) -> dict:
@@ -97,11 +98,12 @@ def _init_text(model: torch.nn.Module, generator: torch.Generator) -> None:
             torch.nn.init.zeros_(p)
 
 
-def build(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """The four toy SDXL models, freshly initialised."""
+def build(seed: int = 0, model_channels: int = UNET.model_channels) -> dict[str, torch.nn.Module]:
+    """The four toy SDXL models, freshly initialised (the UNet `model_channels` wide)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": UNet(UNET), "vae": AutoencoderKL(VAE)}
+    unet = UNet(replace(UNET, model_channels=model_channels))
+    models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": unet, "vae": AutoencoderKL(VAE)}
     for name in ("clip_l", "clip_g"):
         _init_text(models[name], g)
     # The UNet's last conv starts at zero: ε̂ = 0 at first, no random pull on the early steps.
@@ -119,6 +121,14 @@ def save_single_file(path: str, models: dict[str, torch.nn.Module]) -> None:
 
 
 # -- the world as tensors ------------------------------------------------------------------------
+
+
+def load_world_truth(folder: str) -> list[dict]:
+    """The truth of every image of an exported world (its person, scene, pose, name, time_ids, placement), in
+    file order."""
+    with open(os.path.join(folder, "truth.json")) as f:
+        truth = json.load(f)
+    return [truth[n] for n in sorted(truth)]
 
 
 def load_world(folder: str, masks: bool = False):
@@ -219,18 +229,27 @@ class TextEncoder(torch.nn.Module):
         return torch.cat([out_l.penultimate, out_g.penultimate], dim=-1), out_g.pooled
 
 
-def fresh_captions(truth: list[dict], rng: random.Random) -> list[str]:
-    """A new caption per image each step (the world's captioner, a new draw of what it names)."""
+def fresh_captions(truth: list[dict], rng: random.Random, name_rate: float = 0.0) -> list[str]:
+    """A new caption per image each step (the world's captioner, a new draw of what it names; a named person
+    called by name `name_rate` of the time)."""
     out = []
     for t in truth:
         who = world.Identity(*(world.FACTORS[f].index(t[f]) for f in world.FACTORS))
         at = world.Placement(world.SCENES.index(t["scene"]), world.POSES.index(t["pose"]), 0, 0, 0, 0, 0)
         concept = "person" if rng.random() < 0.2 else t["gender"]
-        out.append(world.caption(concept, who, at, rng))
+        out.append(world.caption(concept, who, at, rng, t.get("name"), name_rate))
     return out
 
 
-def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list[dict], cfg: BaseConfig, log=print) -> None:
+def size_conditioning(truth: list[dict]) -> torch.Tensor:
+    """(N, 6) float32 time_ids (orig_h, orig_w, crop_top, crop_left, 64, 64) of each image: its own original size
+    and crop where the world recorded one (SDXL's micro-conditioning), else a 64 px square original."""
+    square = [world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE]
+    return torch.tensor([t.get("time_ids", square) for t in truth], dtype=torch.float32)
+
+
+def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list[dict], cfg: BaseConfig, log=print,
+               name_rate: float = 0.0) -> None:
     """ε-prediction on SDXL's schedule: L = ‖ε − ε_θ(√ᾱ_t·x₀ + √(1−ᾱ_t)·ε, t, c, y)‖², c and y from
     `text` (trained with the UNet when its parameters require gradients). On return `unet` and
     `text` hold the exponential moving average of their weights, in eval mode."""
@@ -241,12 +260,12 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     B = cfg.unet_batch
-    time_ids = torch.tensor([world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE], dtype=torch.float32).expand(B, 6)
+    all_time_ids = size_conditioning(truth)
     unet.train()
     t0, avg = time.time(), None
     for step in range(1, cfg.unet_steps + 1):
         idx = torch.randint(len(latents), (B,), generator=g)
-        context, pooled = text(fresh_captions([truth[i] for i in idx.tolist()], rng))
+        context, pooled = text(fresh_captions([truth[i] for i in idx.tolist()], rng, name_rate))
         # Caption dropout: the unconditional branch of SDXL base is all zeros (empty negative prompt).
         keep = (torch.rand(B, generator=g) >= cfg.caption_dropout).float()
         context, pooled = context * keep[:, None, None], pooled * keep[:, None]
@@ -254,7 +273,7 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list
         t = torch.randint(0, ddim.T, (B,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         x_t = ddim.add_noise(x0, eps, alpha_bar[t])
-        loss = F.mse_loss(unet(x_t, t, context, pooled, time_ids), eps)
+        loss = F.mse_loss(unet(x_t, t, context, pooled, all_time_ids[idx]), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -294,19 +313,21 @@ def make_vae(world_dir: str, cfg: BaseConfig = BaseConfig(), log=print, figure: 
                  "vae_l1_64px": round((rec - to_unit(images[:256])).abs().mean().item(), 4)}
 
 
-def train_base(world_dir: str, out_path: str, vae: AutoencoderKL, cfg: BaseConfig = BaseConfig(), log=print) -> dict:
+def train_base(world_dir: str, out_path: str, vae: AutoencoderKL, cfg: BaseConfig = BaseConfig(), log=print,
+               name_rate: float = 0.0) -> dict:
     """World + trained VAE (`make_vae`) -> latents -> UNet and text encoders -> `out_path` (official
     single file). Returns training facts."""
     if cfg.text not in ("trained", "frozen"):
         raise ValueError(f'BaseConfig.text must be "trained" or "frozen", got {cfg.text!r}')
     images, _, truth = load_world(world_dir)
-    models = build(cfg.seed)
+    models = build(cfg.seed, cfg.model_channels)
     models["vae"] = vae.eval()
     t0 = time.time()
     latents = encode_means(vae, images) * SCALING_FACTOR
     log(f"latents: mean {latents.mean():.3f}, std {latents.std():.3f}")
     text = TextEncoder(models["clip_l"], models["clip_g"], train=cfg.text == "trained")
-    train_unet(models["unet"], text, latents, truth, cfg, log)
+    train_unet(models["unet"], text, latents, truth, cfg, log, name_rate)
     save_single_file(out_path, models)
-    return {"unet_seconds": round(time.time() - t0), "text": cfg.text,
+    return {"unet_seconds": round(time.time() - t0), "text": cfg.text, "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}

@@ -24,48 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import train
 from model import ddim
-from model.mapper import code_to_z
 from toyworld import base, world
 
 
 FAMILIES = ("layernorm", "free")
 
 
-class TokenStats:
-    """A token table's per-dimension mean and std (`token_mean`, `token_std`), as a mapper's heads carry them."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.token_mean, self.token_std = mean, std
-
-
-def token_stats(model) -> list[TokenStats]:
-    """The two encoders' token statistics, in the mapper's order, as train.py computes them for f."""
-    return [TokenStats(mean, std) for mean, std in train.token_stats(model)]
-
-
-class WordTable(torch.nn.Module):
-    """Learned words looked up by code, shaped like a Mapper for `experiment.generate` and
-    `experiment.pseudo_word_stats` (which draw z from the code and call the module on it)."""
-
-    def __init__(self, codes: list[int], words: list[tuple[torch.Tensor, torch.Tensor]], heads, z_dim: int = 8):
-        super().__init__()
-        self.config = type("Config", (), {"z_dim": z_dim})()
-        self.heads = heads  # the token statistics, as a mapper's heads carry them
-        self.z = torch.stack([code_to_z(c, z_dim) for c in codes])
-        self.w_l = torch.stack([w for w, _ in words])
-        self.w_g = torch.stack([w for _, w in words])
-
-    def forward(self, z: torch.Tensor):
-        index = [int((self.z == row).all(dim=1).nonzero()[0]) for row in z]  # codes outside the table fail here
-        return self.w_l[index], self.w_g[index]
-
-
-def invert(model, who: world.Identity, concept: str, heads, family: str = "layernorm", steps: int = 200,
+def invert(model, who: world.Identity, concept: str, stats, family: str = "layernorm", steps: int = 200,
            batch: int = 8, images: int = 32, lr: float = 5e-2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_l, w_g) for one person: `images` renders of `who`, the ε-prediction loss of the base model
-    at t ~ U[0, 1000) with the words inserted before `concept` in a caption naming the scene."""
+    at t ~ U[0, 1000) with the words inserted before `concept` in a caption naming the scene.
+    `stats`: (mean, std) of each encoder's token table, in the mapper's order (CLIP-L, bigG)."""
     for frozen in (model.unet, model.clip_l, model.clip_g, model.vae):
         frozen.requires_grad_(False)  # only the words learn
     rng = random.Random(seed)
@@ -75,16 +45,16 @@ def invert(model, who: world.Identity, concept: str, heads, family: str = "layer
     with torch.no_grad():
         x0 = base.encode_means(model.vae, pixels) * base.SCALING_FACTOR
     captions = [world.prompt(concept, world.SCENES[at.scene]) for at in places]
-    v = [torch.randn(h.token_mean.numel(), generator=g).requires_grad_() for h in heads]
+    v = [torch.randn(mean.numel(), generator=g).requires_grad_() for mean, _ in stats]
     opt = torch.optim.Adam(v, lr=lr)
     bars = ddim.alpha_bars().float()
     time_ids = model.time_ids(world.SIZE, world.SIZE, batch, model.device)
 
     def words():
         out = []
-        for vk, h in zip(v, heads):
+        for vk, (mean, std) in zip(v, stats):
             u = F.layer_norm(vk, vk.shape) if family == "layernorm" else vk
-            out.append(h.token_mean + h.token_std * u)
+            out.append(mean + std * u)
         return out
 
     for _ in range(steps):

@@ -29,7 +29,7 @@ Read next: toyworld/base.py (the small SDXL trained on this world).
 import json
 import os
 import random
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -123,70 +123,68 @@ def draw_placement(rng: random.Random, scene: int | None = None, pose: int | Non
 # -- drawing -------------------------------------------------------------------------------------
 
 
-def _shade(c, k):
-    return tuple(int(max(0, min(255, v * k))) for v in c)
-
-
-def _background(d: ImageDraw.ImageDraw, scene: str, rng: random.Random, S: int):
-    horizon = int(S * rng.uniform(0.5, 0.62))
+def _background(d: ImageDraw.ImageDraw, scene: str, rng: random.Random, W: int, H: int):
+    """The scene on a W x H canvas: positions scale with the width, heights and sizes with the height."""
+    horizon = int(H * rng.uniform(0.5, 0.62))
     if scene == "beach":
-        d.rectangle([0, 0, S, horizon], fill=(135, 200, 245))
-        d.rectangle([0, horizon - S // 12, S, horizon + S // 40], fill=(30, 110, 190))
-        d.rectangle([0, horizon + S // 40, S, S], fill=(235, 215, 160))
-        x = rng.uniform(0.1, 0.9) * S
-        d.ellipse([x - S // 14, S // 10, x + S // 14, S // 10 + S // 7], fill=(255, 240, 120))
+        d.rectangle([0, 0, W, horizon], fill=(135, 200, 245))
+        d.rectangle([0, horizon - H // 12, W, horizon + H // 40], fill=(30, 110, 190))
+        d.rectangle([0, horizon + H // 40, W, H], fill=(235, 215, 160))
+        x = rng.uniform(0.1, 0.9) * W
+        d.ellipse([x - H // 14, H // 10, x + H // 14, H // 10 + H // 7], fill=(255, 240, 120))
     elif scene == "forest":
-        d.rectangle([0, 0, S, horizon], fill=(170, 210, 190))
-        d.rectangle([0, horizon, S, S], fill=(60, 110, 45))
+        d.rectangle([0, 0, W, horizon], fill=(170, 210, 190))
+        d.rectangle([0, horizon, W, H], fill=(60, 110, 45))
         for _ in range(rng.randint(4, 7)):
-            x, w = rng.uniform(0, 1) * S, S * rng.uniform(0.03, 0.05)
-            d.rectangle([x - w, horizon - S * 0.25, x + w, horizon + S * 0.05], fill=(95, 60, 30))
-            r = S * rng.uniform(0.1, 0.16)
-            d.ellipse([x - r, horizon - S * 0.25 - 1.6 * r, x + r, horizon - S * 0.25 + 0.4 * r], fill=(25, 90, 35))
+            x, w = rng.uniform(0, 1) * W, H * rng.uniform(0.03, 0.05)
+            d.rectangle([x - w, horizon - H * 0.25, x + w, horizon + H * 0.05], fill=(95, 60, 30))
+            r = H * rng.uniform(0.1, 0.16)
+            d.ellipse([x - r, horizon - H * 0.25 - 1.6 * r, x + r, horizon - H * 0.25 + 0.4 * r], fill=(25, 90, 35))
     elif scene == "street":
-        d.rectangle([0, 0, S, horizon], fill=(185, 200, 215))
-        x = -rng.uniform(0, 0.1) * S
-        while x < S:
-            w, h = S * rng.uniform(0.15, 0.3), S * rng.uniform(0.25, 0.45)
+        d.rectangle([0, 0, W, horizon], fill=(185, 200, 215))
+        x = -rng.uniform(0, 0.1) * W
+        while x < W:
+            w, h = W * rng.uniform(0.15, 0.3), H * rng.uniform(0.25, 0.45)
             g = rng.randint(110, 170)
             d.rectangle([x, horizon - h, x + w - 2, horizon], fill=(g, g - 10, g - 20))
-            for wy in np.arange(horizon - h + S * 0.04, horizon - S * 0.06, S * 0.08):
-                for wx in np.arange(x + S * 0.03, x + w - S * 0.05, S * 0.07):
-                    d.rectangle([wx, wy, wx + S * 0.03, wy + S * 0.04], fill=(250, 235, 150))
+            for wy in np.arange(horizon - h + H * 0.04, horizon - H * 0.06, H * 0.08):
+                for wx in np.arange(x + H * 0.03, x + w - H * 0.05, H * 0.07):
+                    d.rectangle([wx, wy, wx + H * 0.03, wy + H * 0.04], fill=(250, 235, 150))
             x += w
-        d.rectangle([0, horizon, S, S], fill=(70, 70, 75))
-        y = (horizon + S) / 2
-        for x in range(0, S, S // 5):
-            d.rectangle([x, y - S * 0.01, x + S // 10, y + S * 0.01], fill=(240, 240, 240))
+        d.rectangle([0, horizon, W, H], fill=(70, 70, 75))
+        y = (horizon + H) / 2
+        for x in range(0, W, W // 5):
+            d.rectangle([x, y - H * 0.01, x + W // 10, y + H * 0.01], fill=(240, 240, 240))
     elif scene == "snow":
-        d.rectangle([0, 0, S, horizon], fill=(205, 220, 240))
-        x = rng.uniform(0, 0.5) * S
-        d.polygon([(x - S * 0.4, horizon), (x, horizon - S * 0.3), (x + S * 0.4, horizon)], fill=(150, 160, 180))
-        d.rectangle([0, horizon, S, S], fill=(250, 250, 252))
+        d.rectangle([0, 0, W, horizon], fill=(205, 220, 240))
+        x = rng.uniform(0, 0.5) * W
+        d.polygon([(x - H * 0.4, horizon), (x, horizon - H * 0.3), (x + H * 0.4, horizon)], fill=(150, 160, 180))
+        d.rectangle([0, horizon, W, H], fill=(250, 250, 252))
     elif scene == "room":
-        d.rectangle([0, 0, S, horizon], fill=(225, 205, 170))
-        d.rectangle([0, horizon, S, S], fill=(140, 90, 50))
-        x, y = rng.uniform(0.1, 0.6) * S, S * rng.uniform(0.08, 0.2)
-        d.rectangle([x, y, x + S * 0.3, y + S * 0.22], fill=(90, 60, 40))
-        d.rectangle([x + S * 0.02, y + S * 0.02, x + S * 0.28, y + S * 0.2], fill=(150, 200, 235))
+        d.rectangle([0, 0, W, horizon], fill=(225, 205, 170))
+        d.rectangle([0, horizon, W, H], fill=(140, 90, 50))
+        x, y = rng.uniform(0.1, 0.6) * W, H * rng.uniform(0.08, 0.2)
+        d.rectangle([x, y, x + H * 0.3, y + H * 0.22], fill=(90, 60, 40))
+        d.rectangle([x + H * 0.02, y + H * 0.02, x + H * 0.28, y + H * 0.2], fill=(150, 200, 235))
     elif scene == "night":
-        d.rectangle([0, 0, S, horizon], fill=(15, 20, 55))
+        d.rectangle([0, 0, W, horizon], fill=(15, 20, 55))
         for _ in range(rng.randint(8, 16)):
-            x, y, r = rng.uniform(0, 1) * S, rng.uniform(0, 0.9) * horizon, S * 0.006
+            x, y, r = rng.uniform(0, 1) * W, rng.uniform(0, 0.9) * horizon, H * 0.006
             d.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 230))
-        x = rng.uniform(0.1, 0.9) * S
-        d.ellipse([x - S * 0.06, S * 0.08, x + S * 0.06, S * 0.2], fill=(240, 240, 210))
-        d.rectangle([0, horizon, S, S], fill=(30, 40, 35))
+        x = rng.uniform(0.1, 0.9) * W
+        d.ellipse([x - H * 0.06, H * 0.08, x + H * 0.06, H * 0.2], fill=(240, 240, 210))
+        d.rectangle([0, horizon, W, H], fill=(30, 40, 35))
     else:
         raise ValueError(scene)
 
 
-def _person(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, who: Identity, at: Placement, S: int):
-    """Draw the person on `d` and, in white, their silhouette on the mask `m`."""
+def _person(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, who: Identity, at: Placement, W: int, H: int):
+    """Draw the person on `d` and, in white, their silhouette on the mask `m` (a W x H canvas: the person's
+    size follows the height, their place the width)."""
     f = who.names()
     skin, hair, shirt = SKINS[f["skin"]], HAIRS[f["hair"]], SHIRTS[f["shirt"]]
-    h = at.height * S
-    cx, feet = at.x * S, at.feet * S
+    h = at.height * H
+    cx, feet = at.x * W, at.feet * H
     top = feet - h
     r = 0.11 * h  # head radius; the body is measured in it
     head_y = top + 1.25 * r
@@ -258,19 +256,19 @@ def _person(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, who: Identity, at: P
                 canvas.ellipse(xy, outline=fill, width=max(1, int(width[0])))
 
 
-def render(who: Identity, at: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """One image (SIZE, SIZE, 3) uint8 of `who` placed by `at`, and its subject mask (SIZE, SIZE) uint8.
+def render(who: Identity, at: Placement, size: tuple[int, int] = (SIZE, SIZE)) -> tuple[np.ndarray, np.ndarray]:
+    """One image (H, W, 3) uint8 of `who` placed by `at`, and its subject mask (H, W) uint8; size = (W, H).
 
     The mask is the share of each pixel the person covers (0-255, drawn at SS x and averaged down),
     rounded up: every pixel the person touches is nonzero, which is what data.py reads as subject."""
-    S = SIZE * SS
-    image = Image.new("RGB", (S, S))
-    mask = Image.new("L", (S, S), 0)
+    W, H = size
+    image = Image.new("RGB", (W * SS, H * SS))
+    mask = Image.new("L", (W * SS, H * SS), 0)
     d, m = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-    _background(d, SCENES[at.scene], random.Random(at.seed), S)
-    _person(d, m, who, at, S)
-    small = image.resize((SIZE, SIZE), Image.BOX)
-    coverage = np.asarray(mask, dtype=np.float32).reshape(SIZE, SS, SIZE, SS).mean(axis=(1, 3))
+    _background(d, SCENES[at.scene], random.Random(at.seed), W * SS, H * SS)
+    _person(d, m, who, at, W * SS, H * SS)
+    small = image.resize((W, H), Image.BOX)
+    coverage = np.asarray(mask, dtype=np.float32).reshape(H, SS, W, SS).mean(axis=(1, 3))
     return np.asarray(small), np.ceil(coverage).astype(np.uint8)
 
 
@@ -291,12 +289,14 @@ SKIN_WORDS = {"pale": "pale", "tan": "tanned", "brown": "brown-skinned", "dark":
 MENTION = {"skin": 0.45, "hair": 0.5, "style": 0.45, "shirt": 0.5, "pattern": 0.45, "glasses": 0.45, "pose": 0.4}
 
 
-def describe(concept: str, f: dict[str, str], rng: random.Random, named: set[str] | None = None) -> str:
-    """A noun phrase for the person: the concept word, with the attributes in `named` (else a random subset)."""
+def describe(concept: str, f: dict[str, str], rng: random.Random, named: set[str] | None = None,
+             name: str | None = None) -> str:
+    """A noun phrase for the person: the concept word, with the attributes in `named` (else a random subset);
+    `name`, a person's one-token name, goes directly before the concept word, where a pseudo-word goes."""
     if named is None:
         named = {k for k, p in MENTION.items() if k != "pose" and rng.random() < p}
     words = [SKIN_WORDS[f["skin"]]] if "skin" in named else []
-    words.append(concept)
+    words += [name, concept] if name else [concept]
     hair = " ".join(w for k, w in (("style", f["style"]), ("hair", f["hair"])) if k in named and w != "bun")
     withs = []
     if "style" in named and f["style"] == "bun":
@@ -314,19 +314,58 @@ def describe(concept: str, f: dict[str, str], rng: random.Random, named: set[str
     return phrase
 
 
-def caption(concept: str, who: Identity, at: Placement, rng: random.Random) -> str:
-    """A caption naming the scene and the concept word always, attributes and pose sometimes."""
+def caption(concept: str, who: Identity, at: Placement, rng: random.Random, name: str | None = None,
+            name_rate: float = 0.0) -> str:
+    """A caption naming the scene and the concept word always, attributes and pose sometimes. A person with a
+    `name` is called by it in `name_rate` of their captions, and then by nothing else ("a photo of a kenji man on
+    the beach"), as a photo of a famous person is captioned by who it shows."""
     f = who.names()
-    person = describe(concept, f, rng)
+    if name and rng.random() < name_rate:
+        person = describe(concept, f, rng, named=set(), name=name)
+    else:
+        person = describe(concept, f, rng)
     scene = rng.choice(SCENE_PHRASES[SCENES[at.scene]])
     pose = rng.choice(POSE_PHRASES[POSES[at.pose]]) + " " if rng.random() < MENTION["pose"] else ""
     template = rng.choice(("a photo of a {p} {a}{s}", "a {p} {a}{s}", "a picture of a {p} {a}{s}"))
     return template.format(p=person, a=pose, s=scene)
 
 
-def prompt(concept: str, scene: str) -> str:
-    """The evaluation prompt for a scene: concept and scene, no attribute (the code must fix those)."""
-    return f"a photo of a {concept} {SCENE_PHRASES[scene][0]}"
+def prompt(concept: str, scene: str, name: str | None = None) -> str:
+    """The evaluation prompt for a scene: concept and scene, no attribute (the code must fix those); with a
+    `name`, the person called by it."""
+    return f"a photo of a {name + ' ' if name else ''}{concept} {SCENE_PHRASES[scene][0]}"
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def caption_words() -> set[str]:
+    """Every word a caption or prompt of this world can use (names must be none of them)."""
+    words = {"a", "photo", "of", "picture", "person", "with", "and", "in", "hair", "shirt", "glasses", "bun",
+             *GENDERS, *SKIN_WORDS.values(), *HAIRS, *STYLES, *SHIRTS, *PATTERNS}
+    for phrases in (*SCENE_PHRASES.values(), *POSE_PHRASES.values()):
+        for phrase in phrases:
+            words.update(phrase.replace("-", " ").split())
+    return words
+
+
+def name_tokens(n: int, seed: int = 0) -> list[str]:
+    """n one-token names: rare real CLIP tokens, the way SDXL's text encoders know a famous person by a word.
+
+    Candidates are whole-word tokens of 4-7 letters from the last quarter of CLIP's merges (the rarest
+    words BPE made whole), none a word this world's captions use; n of them are drawn with `seed`."""
+    from model.clip import Tokenizer
+
+    tok = Tokenizer.bundled(pad="eos")
+    used = caption_words()
+    vocab = tok.vocabulary()
+    candidates = sorted(t[:-4] for t, i in vocab.items() if i >= 37_000 and t.endswith("</w>") and t[:-4].isalpha()
+                        and t[:-4].islower() and 4 <= len(t) - 4 <= 7 and t[:-4] not in used)
+    # the word as a prompt spells it must come out as that one token
+    candidates = [w for w in candidates if tok.encode(w) == [vocab[w + "</w>"]]]
+    if n > len(candidates):
+        raise ValueError(f"asked for {n} names, the vocabulary has {len(candidates)}")
+    return random.Random(seed).sample(candidates, n)
 
 
 # -- a world on disk -----------------------------------------------------------------------------
@@ -337,40 +376,101 @@ class WorldConfig:
     identities: int = 600  # distinct people (the issue asks for at least 500)
     images_per_identity: int = 10  # images of each, in random scenes, places and poses
     person_word: float = 0.2  # share of images captioned "person" instead of man / woman
+    # People known by a one-token name (the first `named` people; `name_tokens`) and the share of their captions
+    # that use it. The mapper trains on the others (`mapper_folder`), as CoCoIns trains on CelebA's unknowns.
+    named: int = 200
+    name_rate: float = 0.75
+    # The base model's images: "square", each a 64 px original (the first passes), or "varied", SDXL's way: an
+    # original of random size and shape (`draw_original`), resized and randomly cropped to 64 px, its size and crop
+    # recorded for the size/crop conditioning.
+    originals: str = "varied"
+    # The mapper's images as files of this (width, height) that data.py resizes and crops, as aligned CelebA's
+    # 178 x 218 are (0: the base model's 64 px images themselves).
+    mapper_original: tuple[int, int] = (44, 54)
     seed: int = 0
 
 
-def export(out: str, cfg: WorldConfig = WorldConfig()) -> dict:
-    """Write the world in the layout data.py reads; returns a summary. Existing files are replaced."""
+# The first passes' world (RESULTS-frozen-text.md, RESULTS-trained-text.md): nobody named, every image a 64 px
+# square original, the mapper trained on those same images.
+FIRST_PASS = WorldConfig(named=0, originals="square", mapper_original=(0, 0))
+
+
+def draw_original(rng: random.Random) -> tuple[int, int]:
+    """An original's (width, height): the shorter side 32-96 px (half to one and a half times the model's 64, so
+    some are upscaled and soft, some downscaled), square a third of the time, else up to 1.4:1 either way."""
+    short = rng.randint(32, 96)
+    if rng.random() < 1 / 3:
+        return short, short
+    long = int(short * rng.uniform(1.0, 1.4))
+    return (short, long) if rng.random() < 0.5 else (long, short)
+
+
+def resize_and_crop(image: np.ndarray, mask: np.ndarray, rng: random.Random) -> tuple[np.ndarray, np.ndarray, list]:
+    """An original -> the 64 px square a model trains on, as data.py makes it (shorter side resized to SIZE, then a
+    random crop), with the mask and the time_ids (orig_h, orig_w, crop_top, crop_left, SIZE, SIZE)."""
+    from data import resample_mask, square_crop
+
+    h, w = mask.shape
+    crop = square_crop(h, w, SIZE, rng)
+    pixels = np.asarray(Image.fromarray(image).resize((SIZE, SIZE), Image.BICUBIC, box=crop.box))
+    covered = resample_mask(mask / 255.0, crop, h, w, SIZE)
+    return pixels, np.ceil(covered * 255).astype(np.uint8), [h, w, crop.top, crop.left, SIZE, SIZE]
+
+
+def export(out: str, cfg: WorldConfig = WorldConfig(), mapper_out: str | None = None) -> dict:
+    """Write the world in the layout data.py reads; returns a summary. Existing files are replaced.
+
+    `out` holds every image as the base model trains on it, with `truth.json` (each image's person, scene, pose,
+    name and time_ids). `mapper_out` (needed when the config names people or has mapper originals) holds the
+    mapper's CelebA: the unnamed people, their images as `mapper_original`-sized files."""
     rng = random.Random(cfg.seed)
+    # Sizes and crops draw from their own generator: the people, placements and captions are the first passes'.
+    size_rng = random.Random(cfg.seed + 1)
     people = draw_identities(cfg.identities, rng)
-    images_dir, masks_dir = os.path.join(out, "img_align_celeba"), os.path.join(out, "masks")
-    os.makedirs(images_dir, exist_ok=True)
-    os.makedirs(masks_dir, exist_ok=True)
-    lines, identity_lines, partition_lines, truth = [], [], [], {}
+    names = name_tokens(cfg.named, cfg.seed) if cfg.named else []
+    separate = bool(cfg.named or cfg.mapper_original[0])
+    if separate and mapper_out is None:
+        raise ValueError("this world trains its mapper on a folder of its own: pass mapper_out")
+    folders = [out] + ([mapper_out] if separate else [])
+    for folder in folders:
+        os.makedirs(os.path.join(folder, "img_align_celeba"), exist_ok=True)
+        os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    rows = {folder: {"captions.jsonl": [], "identity_CelebA.txt": [], "list_eval_partition.txt": []} for folder in folders}
+    truth = {}
     n = 0
     for person_id, who in enumerate(people, start=1):
-        for _ in range(cfg.images_per_identity):
+        name = names[person_id - 1] if person_id <= cfg.named else None
+        for k in range(cfg.images_per_identity):
             n += 1
-            name = f"{n:06d}.png"
+            file = f"{n:06d}.png"
             at = draw_placement(rng)
-            image, mask = render(who, at)
-            Image.fromarray(image).save(os.path.join(images_dir, name))
-            Image.fromarray(mask).save(os.path.join(masks_dir, name))
+            if cfg.originals == "varied":
+                image, mask, time_ids = resize_and_crop(*render(who, at, draw_original(size_rng)), size_rng)
+            else:
+                (image, mask), time_ids = render(who, at), [SIZE, SIZE, 0, 0, SIZE, SIZE]
+            files = [(out, image, mask)]
+            if separate and name is None:
+                files.append((mapper_out, *(render(who, at, cfg.mapper_original) if cfg.mapper_original[0]
+                                            else (image, mask))))
             gender = GENDERS[who.gender]
             concept = "person" if rng.random() < cfg.person_word else gender
-            captions = [caption(concept, who, at, rng) for _ in range(2)]
+            captions = [caption(concept, who, at, rng, name, cfg.name_rate) for _ in range(2)]
             while captions[1] == captions[0]:
-                captions[1] = caption(concept, who, at, rng)
-            lines.append(json.dumps({"image": name, "captions": captions, "concept": concept}))
-            identity_lines.append(f"{name} {person_id}")
-            # CelebA's partition file: the last image of each person is held out (1 = valid).
-            partition_lines.append(f"{name} {1 if _ == cfg.images_per_identity - 1 else 0}")
-            truth[name] = {"identity": person_id, **who.names(), "scene": SCENES[at.scene], "pose": POSES[at.pose]}
-    for fname, rows in (("captions.jsonl", lines), ("identity_CelebA.txt", identity_lines),
-                        ("list_eval_partition.txt", partition_lines)):
-        with open(os.path.join(out, fname), "w") as f:
-            f.write("\n".join(rows) + "\n")
+                captions[1] = caption(concept, who, at, rng, name, cfg.name_rate)
+            for folder, pixels, subject in files:
+                Image.fromarray(pixels).save(os.path.join(folder, "img_align_celeba", file))
+                Image.fromarray(subject).save(os.path.join(folder, "masks", file))
+                rows[folder]["captions.jsonl"].append(json.dumps({"image": file, "captions": captions, "concept": concept}))
+                rows[folder]["identity_CelebA.txt"].append(f"{file} {person_id}")
+                # CelebA's partition file: the last image of each person is held out (1 = valid).
+                rows[folder]["list_eval_partition.txt"].append(f"{file} {1 if k == cfg.images_per_identity - 1 else 0}")
+            truth[file] = {"identity": person_id, **who.names(), "scene": SCENES[at.scene], "pose": POSES[at.pose],
+                           "name": name, "time_ids": time_ids, "placement": asdict(at)}
+    for folder in folders:
+        for fname, lines in rows[folder].items():
+            with open(os.path.join(folder, fname), "w") as f:
+                f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "truth.json"), "w") as f:
         json.dump(truth, f)
-    return {"images": n, "identities": len(people)}
+    return {"images": n, "identities": len(people), "named": cfg.named,
+            "mapper_images": len(rows[folders[-1]]["captions.jsonl"])}
