@@ -33,8 +33,6 @@ from model.errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MAPPER = os.path.join(ROOT, "weights", "mapper.safetensors")
-# The toy model this project ships (toyworld/ship.py): what draws when no SDXL is on this machine.
-TOY_DIR = os.path.join(ROOT, "weights", "toy")
 # What a setting the user leaves out is, for SDXL (the toy model's own are in its manifest).
 SDXL_DEFAULTS = {"width": 1024, "height": 1024, "steps": 30, "guidance": 5.0}
 
@@ -78,9 +76,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def toy_dir() -> str:
+    """The toy model this project ships (toyworld/ship.py), in weights/toy/: what draws without SDXL."""
+    return os.path.join(checkpoint.WEIGHTS_DIR, "toy")
+
+
 def toy_manifest() -> dict | None:
     """The shipped toy model's manifest (weights/toy/manifest.json), or None where it is not there."""
-    path = os.path.join(TOY_DIR, "manifest.json")
+    path = os.path.join(toy_dir(), "manifest.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -106,14 +109,14 @@ def choose_model(args, say=True):
         toy = toy_manifest()
         if toy is None:
             raise UserError(MISSING_WEIGHTS)
-        weights = os.path.join(TOY_DIR, "base.safetensors")
+        weights = os.path.join(toy_dir(), "base.safetensors")
         if say:
             print(toy_note(toy), file=sys.stderr)
     for name, value in (toy["sampling"] if toy else SDXL_DEFAULTS).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if args.mapper is None:
-        args.mapper = os.path.join(TOY_DIR, "mapper.safetensors") if toy else DEFAULT_MAPPER
+        args.mapper = os.path.join(toy_dir(), "mapper.safetensors") if toy else DEFAULT_MAPPER
     return weights, toy
 
 
@@ -250,7 +253,7 @@ def main(argv=None):
     # What needs the mapper alone comes first, and needs no prompt and no SDXL.
     if args.mapper is None and (args.info or args.save_embedding):
         args.mapper = DEFAULT_MAPPER if os.path.isfile(DEFAULT_MAPPER) or toy_manifest() is None else (
-            os.path.join(TOY_DIR, "mapper.safetensors"))
+            os.path.join(toy_dir(), "mapper.safetensors"))
     if args.info:
         print(export.format_info(export.read_mapper_info(mapper_file(args.mapper))))
         return

@@ -116,6 +116,22 @@ SAMPLE_WITH_WEIGHTS_DIR = (
 )
 
 
+TOY_SAMPLING = {"width": 48, "height": 56, "steps": 2, "guidance": 3.5}
+
+
+def make_toy(weights_dir, single, mapper) -> str:
+    """A weights/ folder holding only toy/: the tiny SDXL as base.safetensors, the mapper, and a manifest."""
+    import shutil
+
+    toy = weights_dir / "toy"
+    toy.mkdir(parents=True)
+    shutil.copyfile(single, toy / "base.safetensors")
+    shutil.copyfile(mapper, toy / "mapper.safetensors")
+    (toy / "manifest.json").write_text(json.dumps({"sampling": TOY_SAMPLING, "words": {
+        "concepts": ["man", "woman", "person"], "scenes": {"beach": "on the beach", "snow": "in the snow"}}}))
+    return str(weights_dir)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     """Every sample.py run of this file, made once, two at a time: name -> (result, output path)."""
@@ -148,6 +164,17 @@ def runs(tiny, tmp_path_factory):
     env = {var: None for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
     commands["no_weights"] = dict(args=[tmp / "empty_weights", "--prompt", "a cat", "--out", home, *FAST],
                                   env={**env, "HOME": str(home)}, code=SAMPLE_WITH_WEIGHTS_DIR)
+    # No SDXL anywhere, but a toy model in weights/toy/ (here the tiny SDXL and mapper, with a manifest whose
+    # sampling settings are not SDXL's): it draws, with its manifest's settings for what is not given.
+    toy = make_toy(tmp / "weights_with_toy", single, mapper)
+    for name, extra in (("toy", []), ("toy_given", ["--steps", 1, "--width", 72]), ("toy_info", ["--info"]),
+                        ("toy_missing_weights", ["--weights", tmp / "nowhere.safetensors"]),
+                        ("toy_missing_mapper", ["--mapper", tmp / "nowhere.safetensors"])):
+        prompt = [] if name == "toy_info" else ["--prompt", "a photo of a woman on the beach"] + (
+            [] if name == "toy_missing_weights" else ["--code", 3])
+        outs[name] = tmp / name
+        commands[name] = dict(args=[toy, *prompt, "--out", tmp / name, "--device", "cpu", *extra],
+                              env={**env, "HOME": str(home)}, code=SAMPLE_WITH_WEIGHTS_DIR)
     return {name: (r, outs.get(name)) for name, r in run_all(commands).items()}
 
 
@@ -309,8 +336,10 @@ def assert_one_error_line(r, says: str, before_loading=False):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    # Only the status line may come before the error (for mistakes found once the weights are loaded).
-    assert all(line.startswith("loading SDXL from ") for line in lines[:-1]), r.stderr
+    # Only the status line may come before the error (for mistakes found once the weights are loaded), and the
+    # line that says the toy model draws.
+    assert all(line.startswith(("loading SDXL from ", "no SDXL weights found, so this draws with the toy model"))
+               for line in lines[:-1]), r.stderr
     assert lines[-1].startswith("error: ") and says in lines[-1], r.stderr
     if before_loading:  # a user's mistake costs no minute of loading 7 GB
         assert len(lines) == 1, r.stderr
@@ -327,6 +356,40 @@ def test_a_mistake_ends_in_one_error_line_before_anything_loads(runs, name):
 @pytest.mark.parametrize("kind", NOT_SDXL)
 def test_a_checkpoint_that_is_not_sdxl_ends_in_one_error_line(runs, kind):
     assert_one_error_line(runs[kind][0], FOREIGN[kind][1])
+
+
+def test_without_sdxl_the_shipped_toy_model_draws_with_its_own_settings_and_says_so(runs):
+    r, out = runs["toy"]
+    assert r.returncode == 0, r.stderr
+    note = [line for line in r.stderr.splitlines() if line.startswith("no SDXL weights found")]
+    assert len(note) == 1 and "toy model in weights/toy/" in note[0] and "python weights/download.py" in note[0]
+    assert "48 x 56 px" in note[0] and "man, woman, person" in note[0] and "beach, snow" in note[0]
+    png = Image.open(next(out.glob("*.png")))
+    params = json.loads(png.text["parameters"])
+    assert png.size == (48, 56) and params["steps"] == 2 and params["guidance"] == 3.5 and params["code"] == [3]
+    # the command that remakes it names the toy files: on a machine with SDXL it would otherwise draw with SDXL
+    assert "--weights" in png.text["command"] and "toy/base.safetensors" in png.text["command"]
+    assert "toy/mapper.safetensors" in png.text["command"]
+
+
+def test_a_setting_given_overrides_the_toy_models_own(runs):
+    r, out = runs["toy_given"]
+    assert r.returncode == 0, r.stderr
+    png = Image.open(next(out.glob("*.png")))
+    params = json.loads(png.text["parameters"])
+    assert png.size == (72, 56) and params["steps"] == 1 and params["guidance"] == 3.5
+
+
+def test_info_without_a_mapper_describes_the_toy_mapper(runs):
+    r = runs["toy_info"][0]
+    assert r.returncode == 0, r.stderr
+    assert "toy/mapper.safetensors" in r.stdout
+
+
+@pytest.mark.parametrize("name,says", [("toy_missing_weights", "nowhere.safetensors"),
+                                       ("toy_missing_mapper", "--mapper")])
+def test_a_given_file_that_is_not_there_fails_in_one_sentence_even_with_the_toy_model(runs, name, says):
+    assert_one_error_line(runs[name][0], says)
 
 
 def test_no_weights_anywhere_says_how_to_download_them(runs):
