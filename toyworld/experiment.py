@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import PIL
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -622,7 +623,7 @@ class Run:
         self.wide = Experiment(scale, args.work, self.figures,
                                base_config=replace(scale.base_config, model_channels=scale.wide_channels))
         self.facts = {"command": command_line(args), "scale": args.scale, "machine": f"{torch.get_num_threads()} CPU threads",
-                      "torch": torch.__version__, "base_seeds": scale.base_seeds, "mapper_seeds": scale.mapper_seeds,
+                      "torch": torch.__version__, "pillow": PIL.__version__, "base_seeds": scale.base_seeds, "mapper_seeds": scale.mapper_seeds,
                       "figures": self.figures}
         self.runs: list[str] = []  # every mapper run the report uses
 

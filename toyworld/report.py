@@ -238,7 +238,7 @@ def write_results(path: str, facts: dict) -> None:
           f"Scale `{f['scale']}`; {f['world']['images']} images of {f['world']['identities']} people "
           f"({f['world'].get('named', 0)} of them known by a one-token name; the mapper trains on the other "
           f"{f['world'].get('mapper_images', 0)} images); {len(bases)} base models trained from scratch, CoCoIns "
-          f"over {f['mapper_seeds']} mapper seeds on each; torch {f['torch']}, {f['machine']}; wall time "
+          f"over {f['mapper_seeds']} mapper seeds on each; torch {f['torch']}, Pillow {f.get('pillow')}, {f['machine']}; wall time "
           f"{f['seconds'] / 60:.0f} min, mapper runs {f.get('mapper_minutes', 0):.0f} min summed (one thread each).", "",
           "Spreads: `± b` is the standard deviation over base models (each retrained from scratch on its own seed), "
           "`± m` over mapper seeds within a base model (pooled).", "",

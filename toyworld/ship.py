@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict
 
 import numpy as np
+import PIL
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -156,7 +157,8 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
              "mapper.safetensors": (mapper_sd, None)}
     command = "python -m toyworld.ship" + (f" --scale {scale_name}" if scale_name != "full" else "")
     manifest = {"command": command + f" --threads {torch.get_num_threads()}", "scale": scale_name,
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                # what the bytes depend on besides the code: torch's kernels and summation order, Pillow's rendering
+                "torch": torch.__version__, "pillow": PIL.__version__, "threads": torch.get_num_threads(),
                 "settings": settings(scale), "sampling": sampling(scale), "words": words(), "precision": precision,
                 "judge_accuracy": {"rendered": judge_facts["held_out_rendered"]["person"],
                                    "through_vae": judge_facts["held_out_through_vae"]["person"]},
