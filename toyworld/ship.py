@@ -178,14 +178,45 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
     return manifest
 
 
+def contact_sheet(path: str, folder: str = OUT, codes={"woman": (1, 2, 3, 4), "man": (5, 6, 7, 8)}, seed: int = 0) -> None:
+    """The README's picture of the shipped model: a row per code (woman codes, then man codes), a column per
+    scene, every image the one `python sample.py --code C --prompt "a photo of a woman on the beach" --seed S`
+    draws (sample.py's own functions, the manifest's settings), shown at twice its size."""
+    import sample
+    from cli import grid_info, labelled_grid
+    from model.sdxl import SDXL
+
+    with open(os.path.join(folder, "manifest.json")) as f:
+        s = json.load(f)["sampling"]
+    model = SDXL.load(os.path.join(folder, "base.safetensors"))
+    f = load_mapper(os.path.join(folder, "mapper.safetensors"))
+    rows, images = [], []
+    for concept, concept_codes in codes.items():
+        prompts = [world.prompt(concept, scene) for scene in world.SCENES]
+        for code in concept_codes:
+            subjects = sample.subjects_from_codes([code], [concept], f, model, torch.float32)
+            for prompt in prompts:  # one image per call, as sample.py makes them
+                image = model.generate([prompt], [seed], subjects, "", s["steps"], s["guidance"], 0.0, s["width"],
+                                       s["height"])[0]
+                images.append(image.repeat(2, axis=0).repeat(2, axis=1))
+            rows.append(f"code {code} ({concept})")
+    sheet = labelled_grid(images, rows, list(world.SCENES), f"the shipped toy model: rows are codes, columns are "
+                          f"scenes (seed {seed}, {s['steps']} steps, guidance {s['guidance']})")
+    sheet.save(path, pnginfo=grid_info("code", rows, "scene", list(world.SCENES), seed=seed, **s))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m toyworld.ship", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=OUT, help="where the shipped files go")
     p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"), help="the experiment's cache (shared with python -m toyworld)")
     p.add_argument("--scale", default="full", choices=sorted(experiment.SCALES), help="full: the shipped model; smoke: the plumbing")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads: the files are bit-identical for the same torch and thread count")
+    p.add_argument("--sheet", default=None, help="only draw the README's contact sheet of the model in --out into this PNG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.sheet:
+        contact_sheet(args.sheet, args.out)
+        return
     manifest = ship(args.out, args.work, args.scale)
     for name, f in manifest["files"].items():
         print(f"{os.path.join(args.out, name)}  {f['bytes'] / 2**20:.1f} MB  sha256 {f['sha256']}")
