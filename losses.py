@@ -78,6 +78,11 @@ class LossConfig:
     # mapper's words varied in only ~2 directions (from ~35 untrained), whatever γ, norm or schedule;
     # λ_spread = 10 spread them over ~5, with no gain in consistency (toyworld/RESULTS.md, point 5).
     lambda_spread: float = 0.0
+    # The unit of γ: "absolute", λ_neg = γ·(k/K)^β as the paper writes it; or "d_neg", γ in units of D², D the
+    # mean d_m(x̂*, x̂-) over the run's first steps (step.py's GammaScale), so that the reciprocal's push
+    # γ·D²/d² asks the same of any model, whatever distances its x̂₀ estimates lie at. The push of λ/d
+    # scales as λ/d²: a γ tuned where d ~ 0.01 is a hundred times stronger where d ~ 0.001.
+    gamma_unit: str = "absolute"
 
 
 # -- distances -----------------------------------------------------------------------------------
@@ -95,6 +100,7 @@ DISTANCES = {"l2": _l2, "l1": _l1}
 NEGATIVES = ("reciprocal", "subtract")
 MASKS = ("subject", "none")
 MASK_REDUCTIONS = ("all", "area")
+GAMMA_UNITS = ("absolute", "d_neg")
 
 
 def distance(x: Tensor, y: Tensor, name: str = "l2") -> Tensor:
@@ -194,15 +200,17 @@ class LossTerms:
     l_neg: Tensor  # mean 1/(d_m(x̂*, x̂-) + ε), unweighted (−mean d_m(x̂*, x̂-) with negative="subtract")
     d_neg: Tensor  # mean d_m(x̂*, x̂-): rises as different codes give different people
     l_back: Tensor  # L_back
-    lambda_neg: float  # λ_neg at this step
+    lambda_neg: float  # λ_neg at this step (γ in its unit)
     l_spread: Tensor  # word_spread of the step's words, averaged over the encoders (0 without words)
 
 
 def cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, m, step: int, total_steps: int, config: LossConfig = LossConfig(),
-                 words: tuple[Tensor, ...] = ()) -> LossTerms:
+                 words: tuple[Tensor, ...] = (), gamma_scale: float = 1.0) -> LossTerms:
     """L (eq. 9) for one batch of x̂₀ estimates at training step `step` of `total_steps`; `words`, the
-    step's pseudo-words standardised by each encoder's token statistics, for λ_spread·word_spread."""
-    lam = lambda_neg(step, total_steps, config.gamma, config.beta)
+    step's pseudo-words standardised by each encoder's token statistics, for λ_spread·word_spread;
+    `gamma_scale`, γ's unit (1, or D² under gamma_unit "d_neg": step.py's GammaScale)."""
+    # λ_neg = γ·(k/K)^β, γ in its unit
+    lam = lambda_neg(step, total_steps, config.gamma, config.beta) * gamma_scale
     if config.mask == "none":
         m = torch.ones_like(m)  # Table 4 "without mask": L_con compares whole images, and m̃ = 0
     elif config.mask != "subject":

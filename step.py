@@ -94,6 +94,35 @@ def draw_noise(seed: int, rank: int, step: int, B: int, latent_shape, z_dim: int
     return StepNoise(z1, z2, eps1, eps2, t)
 
 
+# -- γ's unit ------------------------------------------------------------------------------------
+
+# Under gamma_unit "d_neg" (losses.py), the first GAMMA_WARMUP steps measure D, the mean d_m(x̂*, x̂-) of two
+# codes' x̂₀ estimates, with no negative term (λ_neg = 0: a ramp from 0 would push little there anyway); from
+# then on λ_neg = γ·D²·(k/K)^β. 20 steps of a batch of 4 or more average 80+ pairs of codes.
+GAMMA_WARMUP = 20
+
+
+class GammaScale:
+    """γ's unit, the factor on λ_neg: 1 ("absolute"), or D² ("d_neg"), D the mean d_neg of the run's first
+    GAMMA_WARMUP steps (0 during them). `seen` (the logged d_neg of those steps) is what state.pt keeps, so a
+    resumed run goes on in the same unit."""
+
+    def __init__(self, unit: str, seen: list[float] | None = None):
+        self.unit, self.seen = unit, list(seen or [])
+
+    def value(self) -> float:
+        if self.unit == "absolute":
+            return 1.0
+        if len(self.seen) < GAMMA_WARMUP:
+            return 0.0
+        # γ in units of D²: the push γ·D²/d² of the reciprocal is then the same at the distances this model has
+        return float(np.mean(self.seen[:GAMMA_WARMUP])) ** 2
+
+    def observe(self, d_neg: float) -> None:
+        if self.unit == "d_neg" and len(self.seen) < GAMMA_WARMUP:
+            self.seen.append(d_neg)
+
+
 # -- the step ------------------------------------------------------------------------------------
 
 
@@ -105,12 +134,13 @@ def predict_x0(model: SDXL, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, context
 
 
 def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: int, K: int, loss_config: LossConfig,
-                 step_config: StepConfig = StepConfig()) -> LossTerms:
+                 step_config: StepConfig = StepConfig(), gamma_scale: float = 1.0) -> LossTerms:
     """The CoCoIns loss of one batch (eq. 5-9); call `.total.backward()` to reach f.
 
     x0 (B, 4, h, w) scaled VAE latents; `batch` from data.collate (captions, concept, mask,
     time_ids); `noise` from `draw_noise`; k the step (1 … K) that sets λ_neg = γ·(k/K)^β;
-    `step_config` the triplet's ablations (the paper's triplets by default)."""
+    `step_config` the triplet's ablations (the paper's triplets by default); `gamma_scale` γ's unit
+    (`GammaScale.value`)."""
     device = model.device
     P1 = [p1 for p1, _ in batch["captions"]]
     # P2, the positive's caption (P1 again for Table 5's "same prompts")
@@ -156,4 +186,4 @@ def cocoins_step(model: SDXL, f, x0: Tensor, batch: dict, noise: StepNoise, k: i
     heads = getattr(f, "module", f).heads  # f itself, or f inside DDP
     words = tuple((w - h.token_mean) / h.token_std for w, h in zip((w_l, w_g), heads))
     # L = λ_con·L_con + λ_back·L_back (+ λ_spread·L_spread, off by default)   (losses.py, eq. 7-9)
-    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config, words)
+    return cocoins_loss(x_anchor, x_pos, x_neg, x1, x2, mask, k, K, loss_config, words, gamma_scale)

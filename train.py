@@ -42,13 +42,13 @@ from tqdm import tqdm
 from cli import (DTYPE_HELP, DTYPES, HelpFormatter, check_mapper_fits, default_workers, grid_info, labelled_grid,
                  mapper_file, pick_device, pick_dtype, torchrun_processes)
 from data import DataConfig, ImageFolder, LatentCache, collate, vae_fingerprint
-from losses import DISTANCES, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms
+from losses import DISTANCES, GAMMA_UNITS, MASK_REDUCTIONS, MASKS, NEGATIVES, LossConfig, LossTerms
 from model import attention, clip, ddim, export, speed
 from model.checkpoint import MISSING_WEIGHTS, UserError, find_default_weights, load_mapper, save_mapper
 from model.mapper import NORMS, Mapper, MapperConfig, code_to_z, embedding_stats, find_concept
 from model.sdxl import SDXL
 from model.vae import SCALING_FACTOR
-from step import T_MAX, T_MIN, TIME_IDS, TRIPLET_CHOICES, StepConfig, cocoins_step, draw_noise
+from step import GAMMA_WARMUP, T_MAX, T_MIN, TIME_IDS, TRIPLET_CHOICES, GammaScale, StepConfig, cocoins_step, draw_noise
 
 # What --sample-every draws: each code is a row, each prompt a column with its own noise seed,
 # the same every time, so the grids of successive steps compare cell by cell. A trained f gives
@@ -69,6 +69,7 @@ METHOD_DEFAULTS = {
     "negative": LossConfig.negative, "mask": LossConfig.mask, "mask_reduction": LossConfig.mask_reduction,
     "positive_prompt": StepConfig.positive_prompt, "positive_noise": StepConfig.positive_noise,
     "time_ids": StepConfig.time_ids, "mapper_norm": MapperConfig.norm, "mapper_gain": MapperConfig.gain,
+    "gamma_unit": LossConfig.gamma_unit,
 }
 
 
@@ -119,6 +120,7 @@ def parse_args(argv=None):
     method.add_argument("--time-ids", choices=TIME_IDS, help=f"SDXL's size/crop conditioning in training: the image's own from the `data` (original size, crop offset, R, R), or what `sampling` passes (R, R, 0, 0, R, R) (default: {METHOD_DEFAULTS['time_ids']})")
     method.add_argument("--mapper-norm", choices=NORMS, help=f"f's output layer: `layernorm`, w = μ + σ⊙LayerNorm(Wh+b), or `none`, w = μ + σ⊙(Wh+b) (default: {METHOD_DEFAULTS['mapper_norm']})")
     method.add_argument("--mapper-gain", type=float, help=f"g, the LayerNorm output's spread in units of a real token's: w = μ + g·σ⊙LayerNorm(Wh+b) (default: {METHOD_DEFAULTS['mapper_gain']})")
+    method.add_argument("--gamma-unit", choices=GAMMA_UNITS, help=f"γ's unit: `absolute`, λ_neg = γ·(k/K)^β, or `d_neg`, γ in units of D², D the mean d_m(x̂*,x̂-) of the run's first {GAMMA_WARMUP} steps (no negative term during them), so that one γ asks the same push of any model (default: {METHOD_DEFAULTS['gamma_unit']})")
     # (step.py says why the training timesteps lie in [200, 800))
     p.add_argument("--t-min", type=int, default=T_MIN, help="smallest training timestep (inclusive)")
     p.add_argument("--t-max", type=int, default=T_MAX, help="largest training timestep (exclusive, at most 1000)")
@@ -218,10 +220,12 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
     optimizer = torch.optim.AdamW(f.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_config = LossConfig(distance=args.distance, gamma=args.gamma, beta=args.beta, lambda_con=args.lambda_con,
                              lambda_back=args.lambda_back, negative=args.negative, mask=args.mask,
-                             mask_reduction=args.mask_reduction, lambda_spread=args.lambda_spread)
+                             mask_reduction=args.mask_reduction, lambda_spread=args.lambda_spread,
+                             gamma_unit=args.gamma_unit)
     step_config = StepConfig(positive_prompt=args.positive_prompt, positive_noise=args.positive_noise,
                              time_ids=args.time_ids)
     step, epoch, position, last_checkpoint = 0, 0, 0, None
+    gamma = GammaScale(args.gamma_unit, state and state.get("gamma_d_neg"))  # γ's unit (1 unless --gamma-unit d_neg)
     if state is not None:
         step, epoch, position, changed = resume(args, state, f, optimizer)
         last_checkpoint = step
@@ -240,7 +244,8 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
             x0 = dataset.cache.fill(batch)
             noise = draw_noise(args.seed, rank, step, args.batch_size, latent_shape, args.z_dim, args.t_min, args.t_max)
             try:
-                terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config, step_config)
+                terms = cocoins_step(model, ddp_f, x0, batch, noise, step + 1, args.steps, loss_config, step_config,
+                                     gamma.value())
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
             except torch.cuda.OutOfMemoryError:
@@ -253,10 +258,11 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
             with signals_deferred():
                 optimizer.step()
                 step, position = step + 1, position + 1
-                log.write(step, numbers, terms.lambda_neg)
+                log.write(step, numbers, terms.lambda_neg, gamma.value())
+                gamma.observe(numbers["d_neg"])  # (the logged, all-ranks mean: every rank gets the same unit)
                 if step % args.checkpoint_every == 0 or step == args.steps:
                     if rank == 0:
-                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts)
+                        save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts, gamma)
                     last_checkpoint = step  # every rank knows it, for the NaN message
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 save_samples(model, f, args, step)
@@ -264,7 +270,7 @@ def train(args, argv: list[str], device: torch.device, rank: int, world: int):
         log.close()  # the progress bar ends before the line that says where the run stopped
         # Ctrl-C or SIGTERM: the steps done so far are kept, whether or not a checkpoint was due.
         if rank == 0 and step > 0 and step != last_checkpoint:
-            save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts)
+            save_checkpoint(args.out, f, optimizer, step, epoch, position, args, base_model, concepts, gamma)
         say(rank, stopped(argv, step))
         raise
     finally:
@@ -451,7 +457,7 @@ def resume(args, state: dict, f: Mapper, optimizer) -> tuple[int, int, int, str]
 
 
 def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, position: int, args, base_model: dict,
-                    concepts: dict[str, int]):
+                    concepts: dict[str, int], gamma: GammaScale):
     """state.pt (all that --resume needs), mapper.safetensors (with what it is: model/export.py) and the
     model card README.md, each replaced atomically, with the file mode the user's umask gives the rest
     of the run folder.
@@ -466,6 +472,7 @@ def save_checkpoint(out: str, f: Mapper, optimizer, step: int, epoch: int, posit
         "mapper_config": asdict(f.config),
         "optimizer": optimizer.state_dict(),
         "args": vars(args),
+        "gamma_d_neg": gamma.seen,  # the first steps' d_neg that set γ's unit under --gamma-unit d_neg
     }
     path = run_files(out)["state.pt"]
     tmp = os.path.join(out, f".state-{os.getpid()}.pt.tmp")  # the process's own name: torch.save creates it
@@ -494,13 +501,13 @@ class Log:
             self.file = open(path, "a", encoding="utf-8")
         self.progress = tqdm(total=steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
 
-    def write(self, step: int, numbers: dict[str, float], lambda_neg: float):
+    def write(self, step: int, numbers: dict[str, float], lambda_neg: float, gamma_scale: float = 1.0):
         if self.file is None:
             return
         n = numbers
         self.file.write(json.dumps(dict(step=step, loss=n["loss"], l_con=n["l_con"], l_pos=n["l_pos"], l_neg=n["l_neg"],
                                         d_neg=n["d_neg"], l_back=n["l_back"], l_spread=n["l_spread"],
-                                        lambda_neg=lambda_neg, grad_norm=n["grad_norm"])) + "\n")
+                                        lambda_neg=lambda_neg, gamma_scale=gamma_scale, grad_norm=n["grad_norm"])) + "\n")
         self.file.flush()
         self.progress.set_postfix_str(f"loss {n['loss']:.4g} con {n['l_con']:.4g} pos {n['l_pos']:.4g} "
                                       f"1/neg {n['l_neg']:.4g} d_neg {n['d_neg']:.4g} back {n['l_back']:.4g} "

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import eval as ev
 from model import checkpoint, clip, mapper
@@ -340,7 +341,7 @@ def test_a_mapper_retrained_in_place_makes_its_images_again(tiny, tmp_path):
     import shutil
 
     path = str(tmp_path / "mapper.safetensors")
-    shutil.copy(ev.mapper_file(tiny.mapper), path)
+    shutil.copy(cli.mapper_file(tiny.mapper), path)
     prompts = tmp_path / "one.txt"
     prompts.write_text("A woman is looking at the camera.\n")
     args = eval_args(tiny, tmp_path / "out", "--set", prompts, "--codes", 1) + ["--mapper", path]

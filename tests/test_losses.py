@@ -260,3 +260,30 @@ def test_lambda_spread_adds_its_weighted_term_and_needs_the_words():
     assert on.total.item() == pytest.approx(off.total.item() + 3.0 * 0.375)
     with pytest.raises(ValueError):
         cocoins_loss(*x, m, step=5, total_steps=10, config=LossConfig(lambda_spread=1.0))
+
+
+def test_gamma_scale_is_the_unit_of_gamma_in_lambda_neg():
+    # gamma_unit "d_neg" (step.py's GammaScale gives D²): λ_neg = γ·D²·(k/K)^β, the same loss as γ·D² absolute
+    torch.manual_seed(0)
+    x = [torch.randn(2, 4, 8, 8) for _ in range(5)]
+    m = torch.ones(2, 1, 8, 8)
+    scaled = cocoins_loss(*x, m, 3, 4, LossConfig(gamma=0.5), gamma_scale=0.01)
+    direct = cocoins_loss(*x, m, 3, 4, LossConfig(gamma=0.5 * 0.01))
+    assert scaled.lambda_neg == pytest.approx(0.5 * 0.01 * 3 / 4) and torch.equal(scaled.total, direct.total)
+
+
+def test_gamma_scale_measures_the_first_steps_then_holds():
+    from step import GAMMA_WARMUP, GammaScale
+
+    absolute = GammaScale("absolute")
+    absolute.observe(0.3)
+    assert absolute.value() == 1.0 and absolute.seen == []
+    unit = GammaScale("d_neg")
+    for k in range(GAMMA_WARMUP):
+        assert unit.value() == 0.0  # no negative term while D is measured
+        unit.observe(0.01 * (k + 1))
+    mean = 0.01 * (GAMMA_WARMUP + 1) / 2
+    assert unit.value() == pytest.approx(mean**2)
+    unit.observe(5.0)  # later distances change nothing
+    assert unit.value() == pytest.approx(mean**2)
+    assert GammaScale("d_neg", unit.seen).value() == unit.value()  # what state.pt keeps is enough to resume

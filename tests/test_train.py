@@ -39,7 +39,8 @@ from tests.tiny_sdxl import save_tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
-LOG_KEYS = {"step", "loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "l_spread", "lambda_neg", "grad_norm"}
+LOG_KEYS = {"step", "loss", "l_con", "l_pos", "l_neg", "d_neg", "l_back", "l_spread", "lambda_neg", "gamma_scale",
+            "grad_norm"}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,29 @@ def test_beta_shapes_the_lambda_neg_ramp_of_a_run(tiny, tmp_path):
     assert [row["lambda_neg"] for row in log] == pytest.approx([1e-2 / 4, 1e-2])
     for row in log:
         assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
+
+
+def test_gamma_in_units_of_the_first_steps_d_neg_squared(tiny, tmp_path, monkeypatch):
+    # --gamma-unit d_neg: the first GAMMA_WARMUP steps (2 here) measure D, the mean d_neg, with no negative term;
+    # then λ_neg = γ·D²·(k/K)^β, logged with its unit D²; a resumed run keeps the unit it measured.
+    import step
+
+    monkeypatch.setattr(step, "GAMMA_WARMUP", 2)
+    out = tmp_path / "run"
+    train.main(argv(tiny, out, "--gamma-unit", "d_neg", "--gamma", 0.5, "--checkpoint-every", 3, steps=3))
+    train.main(argv(tiny, out, "--resume", "--gamma", 0.5, steps=5))  # (γ is not kept by a resume: the command line wins)
+    log = read_log(out)
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5]
+    unit = ((log[0]["d_neg"] + log[1]["d_neg"]) / 2) ** 2
+    assert [row["gamma_scale"] for row in log] == pytest.approx([0, 0, unit, unit, unit])
+    assert log[0]["lambda_neg"] == 0 and log[1]["lambda_neg"] == 0
+    # (K = 3 for the first three steps, 5 after the resume with --steps 5)
+    assert log[2]["lambda_neg"] == pytest.approx(0.5 * unit * 3 / 3)
+    assert log[4]["lambda_neg"] == pytest.approx(0.5 * unit * 5 / 5)
+    for row in log:
+        assert row["l_con"] == pytest.approx(row["l_pos"] + row["lambda_neg"] * row["l_neg"], rel=1e-5)
+    with pytest.raises(UserError, match="--gamma-unit"):  # a resume never changes the unit
+        train.main(argv(tiny, out, "--resume", "--gamma-unit", "absolute", steps=6))
 
 
 def test_train_py_writes_a_mapper_that_load_mapper_reads_with_its_arguments(trained):

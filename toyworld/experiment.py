@@ -524,7 +524,7 @@ def token_stats(model: SDXL) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 # train.py flags added after runs were recorded, with the value those runs computed with (a flag's
 # first default reproduces what train.py did before it existed).
-BEFORE_FLAG = {"mapper_gain": 1.0, "lambda_spread": 0.0}
+BEFORE_FLAG = {"mapper_gain": 1.0, "lambda_spread": 0.0, "gamma_unit": "absolute"}
 
 
 def run_identity(train_args: list[str]) -> dict:
