@@ -44,7 +44,7 @@ class LossConfig:
     # geometry SDXL was trained in (an MSE on ε, so x̂₀ errors are Gaussian-like), and it is smooth
     # at zero, where the positive term drives d_m(x̂*, x̂+).
     distance: str = "l2"
-    # γ, the final weight of the negative term, chosen in the toy world (toyworld/RESULTS.md, "Open
+    # γ, the final weight of the negative term, chosen in the toy world (toyworld/RESULTS-trained-text.md, "Open
     # choices"), whose text encoders, like SDXL's, keep the words after an inserted word readable:
     # there γ = 1e-5 ... 1e-1 all keep the scene, and Face Sim grows with γ up to 1e-2. With random,
     # frozen text encoders (toyworld/RESULTS-frozen-text.md) every γ above 1e-4 lost the scene: a
@@ -72,11 +72,11 @@ class LossConfig:
     # How a masked distance averages: "all", over every one of a sample's C·h·w elements, as
     # d(m·x, m·y) reads; "area", over the C·Σm elements the mask covers. The paper does not say;
     # "all" is its formula taken literally. Toy world: "area" acted as a weaker γ (a larger distance
-    # in the reciprocal) and lost to "all" at γ = 1e-2 and 1e-3 (toyworld/RESULTS.md).
+    # in the reciprocal) and lost to "all" at γ = 1e-2 and 1e-3 (toyworld/RESULTS-trained-text.md).
     mask_reduction: str = "all"
     # λ_spread, the weight of `word_spread` (not in the paper; 0 = off). In the toy world every trained
     # mapper's words varied in only ~2 directions (from ~35 untrained), whatever γ, norm or schedule;
-    # λ_spread = 10 spread them over ~5, with no gain in consistency (toyworld/RESULTS.md, point 5).
+    # λ_spread = 10 spread them over ~5, with no gain in consistency (toyworld/RESULTS-trained-text.md, point 3).
     lambda_spread: float = 0.0
     # The unit of γ: "absolute", λ_neg = γ·(k/K)^β as the paper writes it; or "d_neg", γ in units of D², D the
     # mean d_m(x̂*, x̂-) over the run's first steps (step.py's GammaScale), so that the reciprocal's push

@@ -7,7 +7,7 @@ numbers), then the tables every number comes from, then the raw facts as JSON.
 Every headline number is a mean over base models (each trained from scratch on its own seed) of a mean over
 mapper seeds, and carries both spreads: `± b` over base models, `± m` over mapper seeds within a base model.
 
-Read next: toyworld/RESULTS.md.
+Read next: toyworld/ship.py (the model this project ships, made by these steps).
 """
 
 import json
