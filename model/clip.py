@@ -134,10 +134,6 @@ class Tokenizer:
         tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
         return cls({t: i for i, t in enumerate(tokens)}, merges, PAD_IDS[pad])
 
-    def vocabulary(self) -> dict[str, int]:
-        """Token -> id ("</w>" ends a word), e.g. to find the words that are one token."""
-        return self._bpe.get_vocab()
-
     def encode(self, text: str) -> list[int]:
         """Token ids of one cleaned prompt, without BOS/EOS and without truncation."""
         return self._bpe.encode(clean_text(text), add_special_tokens=False).ids

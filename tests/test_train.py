@@ -774,9 +774,9 @@ ABLATIONS = ("--negative", "subtract", "--mask", "none", "--mask-reduction", "ar
 def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, monkeypatch):
     seen, original_step = [], train.cocoins_step
 
-    def spy(model, f, x0, batch, noise, k, K, loss_config, step_config):
+    def spy(model, f, x0, batch, noise, k, K, loss_config, step_config, gamma_scale):
         seen.append((f.config.norm, loss_config, step_config))
-        return original_step(model, f, x0, batch, noise, k, K, loss_config, step_config)
+        return original_step(model, f, x0, batch, noise, k, K, loss_config, step_config, gamma_scale)
 
     monkeypatch.setattr(train, "cocoins_step", spy)
     out = tmp_path / "run"
@@ -792,7 +792,7 @@ def test_ablation_flags_reach_the_step_and_a_resume_keeps_them(tiny, tmp_path, m
     saved = torch.load(out / "state.pt", weights_only=True)["args"]
     assert {k: saved[k] for k in train.METHOD_DEFAULTS} == dict(
         negative="subtract", mask="none", mask_reduction="area", positive_prompt="same", positive_noise="same",
-        time_ids="sampling", mapper_norm="none", mapper_gain=1.0)
+        time_ids="sampling", mapper_norm="none", mapper_gain=1.0, gamma_unit="absolute")
 
     # --resume without the flags continues the run's own method ...
     seen.clear()
@@ -820,7 +820,7 @@ def test_a_new_run_takes_the_papers_choices_by_default(tiny, tmp_path):
     train.keep_method(args, None)
     assert {k: getattr(args, k) for k in train.METHOD_DEFAULTS} == dict(
         negative="reciprocal", mask="subject", mask_reduction="all", positive_prompt="other", positive_noise="other",
-        time_ids="data", mapper_norm="layernorm", mapper_gain=1.0)
+        time_ids="data", mapper_norm="layernorm", mapper_gain=1.0, gamma_unit="absolute")
     # a run saved before these flags existed resumes with what it was trained with: the defaults
     args = train.parse_args(argv(tiny, tmp_path / "run", "--resume"))
     train.keep_method(args, {"lr": 1e-4})

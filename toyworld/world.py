@@ -358,7 +358,7 @@ def name_tokens(n: int, seed: int = 0) -> list[str]:
 
     tok = Tokenizer.bundled(pad="eos")
     used = caption_words()
-    vocab = tok.vocabulary()
+    vocab = tok._bpe.get_vocab()  # token -> id, "</w>" ending a word (the BPE table model/clip.py builds)
     candidates = sorted(t[:-4] for t, i in vocab.items() if i >= 37_000 and t.endswith("</w>") and t[:-4].isalpha()
                         and t[:-4].islower() and 4 <= len(t) - 4 <= 7 and t[:-4] not in used)
     # the word as a prompt spells it must come out as that one token
