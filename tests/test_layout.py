@@ -65,3 +65,36 @@ def test_no_comment_cites_an_issue_number():
             if name.endswith(".py"):
                 text = read(os.path.join(folder, name))
                 assert not re.search(r"\bissue\s*#?\d+", text, flags=re.I), f"{folder}/{name} cites an issue number"
+
+
+def wc_l(path):
+    return read(path).count("\n")
+
+
+def test_the_readmes_line_counts_are_what_wc_counts():
+    # "Reading order": items 1-14 (every file each names) and the toy world's files; "A short path": each part's
+    # lines, whole files or a line range that must hold exactly the function it names, and their sum.
+    readme = read("README.md")
+    section = readme.split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    stated = re.search(r"items 1-14 are ([\d,]+) lines, the toy\s+world's (\w+) files ([\d,]+) more", section)
+    items = re.split(r"^\d+\. ", section, flags=re.M)[1:]
+    files = [f for item in items[:14] for f in re.findall(r"`([\w/]+\.py)`", item)]
+    toy = ["toyworld/" + f for f in re.findall(r"`(\w+\.py)`", items[14])]
+    assert int(stated[1].replace(",", "")) == sum(wc_l(f) for f in files), files
+    assert int(stated[3].replace(",", "")) == sum(wc_l(f) for f in toy), toy
+    words = {"five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
+    assert words[stated[2]] == len(toy)
+    short = readme.split("## A short path", 1)[1].split("\n## ", 1)[0]
+    total = 0
+    for path, lines in re.findall(r"^\d+\. `([\w/]+\.py)`[^(\n]*\((\d+ lines|lines \d+-\d+)\)", short, flags=re.M):
+        if lines.startswith("lines"):
+            first, last = map(int, re.findall(r"\d+", lines))
+            name = re.search(r"`\w+\.(\w+)`", short.split(path, 1)[1]).group(1)  # the function the range holds
+            body = read(path).split("\n")[first - 1:last]
+            assert body[0].lstrip().startswith(f"def {name}("), (path, first, body[0])
+            assert re.match(r"\s+return ", body[-1]) and read(path).split("\n")[last] == "", body[-1]  # its last line
+            total += last - first + 1
+        else:
+            assert int(lines.split()[0]) == wc_l(path), path
+            total += wc_l(path)
+    assert re.search(rf"without SDXL's internals: {total:,} lines", short), total
