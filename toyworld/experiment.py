@@ -66,9 +66,12 @@ class Row:
 
 FULL = Row("CoCoIns (full)")
 # γ, the final weight of the reciprocal negative term, from 1e-4 to 1e-1 (the full row is 1e-2), on two base
-# models of different UNet width: does the best γ stay put?
+# models of different UNet width: does the best γ stay put? And the same in γ's other unit (train.py --gamma-unit
+# d_neg: γ in units of D², D the first steps' mean d_neg), whose grid spans the same four decades around the D²
+# these models start at (~1e-3).
 GAMMAS = {1e-4: Row("γ = 1e-4", ("--gamma", "0.0001")), 1e-3: Row("γ = 1e-3", ("--gamma", "0.001")),
           1e-2: FULL, 1e-1: Row("γ = 1e-1", ("--gamma", "0.1"))}
+GAMMAS_RELATIVE = {g: Row(f"γ = {g:g} D²", ("--gamma-unit", "d_neg", "--gamma", str(g))) for g in (0.1, 1.0, 10.0, 100.0)}
 # SDXL's size/crop conditioning in training: the image's own ("data", the default) or what sampling passes.
 TIME_IDS_SAMPLING = Row("--time-ids sampling", ("--time-ids", "sampling"), seeds=3)
 
@@ -575,11 +578,17 @@ def read_log(run: str) -> list[dict]:
 
 
 def distances(run: str, first: int = 50) -> dict:
-    """d_neg and l_pos (= d_pos) over a run's first and last `first` steps, from its log.jsonl."""
+    """A run's distances from its log.jsonl: d_neg and l_pos (= d_pos) over its first and last `first` steps; D²,
+    the square of the mean d_neg of its first 20 steps (γ's unit under --gamma-unit d_neg, step.py); and γ's
+    effective value in both units: `gamma_abs` (λ_neg's γ, the unit applied) and `gamma_rel` (that over D²)."""
     log = read_log(run)
     mean = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    d2 = mean(log[:20], "d_neg") ** 2
+    scale = log[-1].get("gamma_scale", 1.0)  # (1: absolute; D² once measured: d_neg)
+    args = json.loads(json.dumps(run_identity(json.load(open(os.path.join(run, "done.json")))["command"][1:])))
     return {"d_neg_first": mean(log[:first], "d_neg"), "d_neg_last": mean(log[-first:], "d_neg"),
-            "d_pos_first": mean(log[:first], "l_pos"), "d_pos_last": mean(log[-first:], "l_pos")}
+            "d_pos_first": mean(log[:first], "l_pos"), "d_pos_last": mean(log[-first:], "l_pos"),
+            "D2": d2, "gamma_abs": args["gamma"] * scale, "gamma_rel": args["gamma"] * scale / d2}
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -704,22 +713,25 @@ class Run:
         self.facts["bases"][k]["inverted"] = exp.inverted_row(
             model, judge, "layernorm", os.path.join(self.figures, "contact_inverted.png") if k == 0 else None)
 
-    def gamma(self):
-        """γ from 1e-4 to 1e-1 on the first base model and on the wide one: where is Face Sim best, and at what
-        distances d_neg."""
+    def gamma(self, units=("absolute", "d_neg")):
+        """γ over four decades on the first base model and on the wide one, in each of γ's `units`: where is Face
+        Sim best, and at what distances d_neg."""
         self.wide.make_base()
         exps = {"64 channels (base seed 0)": self.bases[0], f"{self.scale.wide_channels} channels": self.wide}
-        pairs = [(exp, row, 0) for exp in exps.values() for row in GAMMAS.values()]
-        runs = dict(zip([(id(exp), g) for exp in exps.values() for g in GAMMAS], self.train_side_by_side(pairs)))
+        grids = {"absolute": GAMMAS, "d_neg": GAMMAS_RELATIVE}
+        pairs = [(exp, row, 0) for unit in units for exp in exps.values() for row in grids[unit].values()]
+        runs = dict(zip([(id(exp), row.name) for exp, row, _ in pairs], self.train_side_by_side(pairs)))
         self.runs += runs.values()
         self.facts["gamma"] = {}
         for label, exp in exps.items():
             model = exp.load_model()
             judge, _ = exp.make_judge(model)  # the wide model shares the first base model's VAE, so its judge
-            self.facts["gamma"][label] = [
-                {"gamma": g, **exp.mapper_row(model, judge, os.path.join(runs[id(exp), g], "mapper.safetensors"),
-                                              census=False), **distances(runs[id(exp), g])}
-                for g in GAMMAS]
+            for unit in units:
+                self.facts["gamma"][f"{label}, γ {unit}"] = [
+                    {"gamma": g, "unit": unit, **distances(runs[id(exp), row.name]),
+                     **exp.mapper_row(model, judge, os.path.join(runs[id(exp), row.name], "mapper.safetensors"),
+                                      census=False)}
+                    for g, row in grids[unit].items()]
             self.report()
 
     def time_ids(self):

@@ -132,7 +132,8 @@ def _pm(m: dict, k: str, digits: int = 3) -> str:
     """`mean ± b (bases) ± m (seeds)`, as far as the row has spreads."""
     if k not in m:
         return "–"
-    text = f"{m[k]:.{digits}f}"
+    fmt = f".{digits}f" if m[k] == 0 or 0.01 <= abs(m[k]) < 1000 else f".{digits}g"  # (γ, D² and the like)
+    text = f"{m[k]:{fmt}}"
     if m.get(k + "_sd_base") or m.get(k + "_sd_seed"):
         text += f" ± {m.get(k + '_sd_base', 0):.{digits}f} b"
         if m.get(k + "_sd_seed"):
@@ -178,7 +179,7 @@ def _table(rows: list[tuple[str, dict]], columns=METRICS + ("w_dims",)) -> list[
              "scene_accuracy": "scene acc.", "concept_accuracy": "concept acc.", "w_dims": "word dims",
              "truth_agreement": "is the named person", "w_rms": "word RMS", "w_cos": "word cos",
              "d_neg_first": "d_neg (first 50 steps)", "d_neg_last": "d_neg (last 50)",
-             "d_pos_first": "d_pos (first 50)", "gamma_over_dneg2": "γ / d_neg²"}
+             "d_pos_first": "d_pos (first 50)", "gamma_abs": "γ_abs", "gamma_rel": "γ_abs / D²", "D2": "D²"}
     out = ["| row | " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for name, m in rows:
         out.append(f"| {name} | " + " | ".join(_pm(m, c) for c in columns) + " |")
@@ -289,16 +290,15 @@ def write_results(path: str, facts: dict) -> None:
         L += _table([("--time-ids data (the full rows)", t["data"]), ("--time-ids sampling", t["sampling"])]) + [""]
     if f.get("gamma"):
         L += ["## γ on two base models", "",
-              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-), one mapper seed each; d_neg "
-              "and d_pos as logged over the run's first and last 50 steps; γ / d_neg² (first steps) is the push of the "
-              "negative term in units of the distances it acts on.", ""]
+              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-), one mapper seed each, in its two "
+              "units: absolute (λ_neg = γ·(k/K)^β) and relative (`--gamma-unit d_neg`: γ in units of D², D the mean "
+              "d_neg of the run's first 20 steps). Each row gives its γ in both: γ_abs, the weight applied, and "
+              "γ_abs / D². d_neg and d_pos as logged over the run's first and last 50 steps.", ""]
         for label, rows in f["gamma"].items():
             L += [f"### {label}", ""]
-            for r in rows:
-                r["gamma_over_dneg2"] = r["gamma"] / r["d_neg_first"] ** 2
             L += _table([(f"γ = {r['gamma']:g}", r) for r in rows],
                         ("face_sim", "face_div", "identity_agreement", "scene_accuracy", "concept_accuracy",
-                         "d_neg_first", "d_neg_last", "d_pos_first", "gamma_over_dneg2")) + [""]
+                         "gamma_abs", "gamma_rel", "D2", "d_neg_first", "d_neg_last", "d_pos_first")) + [""]
     b0 = bases[0]
     if b0.get("bleed"):
         b = b0["bleed"]
