@@ -225,7 +225,7 @@ def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
                                  for unit in ("absolute", "d_neg")}
     assert [r["gamma"] for r in raw["gamma"]["96 channels, γ absolute"]] == list(experiment.GAMMAS)
     assert [r["gamma"] for r in raw["gamma"]["96 channels, γ d_neg"]] == list(experiment.GAMMAS_RELATIVE)
-    assert {"data", "sampling"} <= set(raw["time_ids"])
+    assert {"data", "sampling"} <= set(raw["time_ids"]) and "census" in raw["spread"]
     # The curve's points are the checkpoints a watcher copies while train.py runs (a poll: at smoke size two
     # may land within one poll, so only the final one is certain).
     assert len(raw["bases"][0]["curve"]) >= 1 and raw["bases"][0]["curve"][-1]["step"] == 2

@@ -74,6 +74,9 @@ GAMMAS = {1e-4: Row("γ = 1e-4", ("--gamma", "0.0001")), 1e-3: Row("γ = 1e-3", 
 GAMMAS_RELATIVE = {g: Row(f"γ = {g:g} D²", ("--gamma-unit", "d_neg", "--gamma", str(g))) for g in (0.1, 1.0, 10.0, 100.0)}
 # SDXL's size/crop conditioning in training: the image's own ("data", the default) or what sampling passes.
 TIME_IDS_SAMPLING = Row("--time-ids sampling", ("--time-ids", "sampling"), seeds=3)
+# Codes' words vary in about two directions: does a term that spreads them over more (train.py --lambda-spread, not
+# in the paper) spread the people too (the shirt census), and does it cost the prompt?
+SPREAD = Row("word spread λ = 10", ("--lambda-spread", "10"))
 
 
 @dataclass
@@ -746,6 +749,16 @@ class Run:
                                   "data": report.aggregate(self.facts["bases"][0]["full_rows"][:TIME_IDS_SAMPLING.seeds])}
 
 
+def spread_row(run: "Run") -> None:
+    """The word-spread term on the first base model, one seed: its words' directions, its census, its prompt."""
+    exp = run.bases[0]
+    (path,) = run.train_side_by_side([(exp, SPREAD, 0)])
+    run.runs.append(path)
+    model = exp.load_model()
+    judge, _ = exp.make_judge(model)
+    run.facts["spread"] = exp.mapper_row(model, judge, os.path.join(path, "mapper.safetensors"))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -762,6 +775,7 @@ def main(argv=None) -> None:
         run.report()
     if args.rows == "all":
         run.time_ids()
+        spread_row(run)
         run.report()
         run.gamma()
         run.report()

@@ -218,7 +218,8 @@ def _census_table(facts: dict) -> list[str]:
     shirts = list(world.FACTORS["shirt"])
     rows = [("Dataset (one vote per person)", [b["dataset_census"] for b in facts["bases"]]),
             ("Base model, no code", [b["base_rows"][0]["census"] for b in facts["bases"] if "census" in b["base_rows"][0]]),
-            ("CoCoIns (full, every mapper seed)", [r["census"] for b in facts["bases"] for r in b["full_rows"] if "census" in r])]
+            ("CoCoIns (full, every mapper seed)", [r["census"] for b in facts["bases"] for r in b["full_rows"] if "census" in r]),
+            ("CoCoIns with the word-spread term (λ = 10, base seed 0)", [facts["spread"]["census"]] if facts.get("spread") else [])]
     out = ["| row | " + " | ".join(shirts) + " | largest share |", "|" + "---|" * (len(shirts) + 2)]
     for name, censuses in rows:
         if not censuses:
@@ -280,6 +281,11 @@ def write_results(path: str, facts: dict) -> None:
           "Each group's most frequent judged shirt colour, as shares of the groups (codes: the "
           "evaluation's and the census's, one image per scene each; the dataset: one vote per person).", ""]
     L += _census_table(f) + [""]
+    if f.get("spread"):
+        L += ["The word-spread term beside the full rows of base seed 0 (one seed; `--lambda-spread 10`, not in the "
+              "paper):", ""]
+        L += _table([("CoCoIns (full, base seed 0)", aggregate(bases[0]["full_rows"])),
+                     ("with the word-spread term, λ = 10", f["spread"])]) + [""]
     if f.get("time_ids"):
         t = f["time_ids"]
         L += ["## Size conditioning in training (`--time-ids`)", "",
