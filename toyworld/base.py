@@ -103,7 +103,8 @@ def build(seed: int = 0, model_channels: int = UNET.model_channels) -> dict[str,
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     unet = UNet(replace(UNET, model_channels=model_channels))
-    models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": unet, "vae": AutoencoderKL(VAE)}
+    models = {"clip_l": CLIPTextModel(CLIP_L), "clip_g": OpenCLIPTextModel(CLIP_G), "unet": unet,
+              "vae": AutoencoderKL(VAE)}
     for name in ("clip_l", "clip_g"):
         _init_text(models[name], g)
     # The UNet's last conv starts at zero: ε̂ = 0 at first, no random pull on the early steps.
@@ -136,7 +137,8 @@ def load_world(folder: str, masks: bool = False):
     with open(os.path.join(folder, "truth.json")) as f:
         truth = json.load(f)
     names = sorted(truth)
-    images = np.stack([np.asarray(Image.open(os.path.join(folder, "img_align_celeba", n)).convert("RGB")) for n in names])
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, "img_align_celeba", n)).convert("RGB"))
+                       for n in names])
     out = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), names, [truth[n] for n in names])
     if masks:
         m = np.stack([np.asarray(Image.open(os.path.join(folder, "masks", n))) > 0 for n in names])
@@ -292,7 +294,8 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, truth: list
     trained.eval().requires_grad_(False)
 
 
-def make_vae(world_dir: str, cfg: BaseConfig = BaseConfig(), log=print, figure: str | None = None) -> tuple[AutoencoderKL, dict]:
+def make_vae(world_dir: str, cfg: BaseConfig = BaseConfig(), log=print,
+             figure: str | None = None) -> tuple[AutoencoderKL, dict]:
     """World -> trained VAE with its latent scale folded in. Returns (vae, training facts).
 
     `figure`: a PNG of 8 images (top) and their VAE reconstructions (bottom)."""

@@ -71,7 +71,8 @@ FULL = Row("CoCoIns (full)")
 # these models start at (~1e-3).
 GAMMAS = {1e-4: Row("γ = 1e-4", ("--gamma", "0.0001")), 1e-3: Row("γ = 1e-3", ("--gamma", "0.001")),
           1e-2: FULL, 1e-1: Row("γ = 1e-1", ("--gamma", "0.1"))}
-GAMMAS_RELATIVE = {g: Row(f"γ = {g:g} D²", ("--gamma-unit", "d_neg", "--gamma", str(g))) for g in (0.1, 1.0, 10.0, 100.0)}
+GAMMAS_RELATIVE = {g: Row(f"γ = {g:g} D²", ("--gamma-unit", "d_neg", "--gamma", str(g)))
+                   for g in (0.1, 1.0, 10.0, 100.0)}
 # SDXL's size/crop conditioning in training: the image's own ("data", the default) or what sampling passes.
 TIME_IDS_SAMPLING = Row("--time-ids sampling", ("--time-ids", "sampling"), seeds=3)
 # Codes' words vary in about two directions: does a term that spreads them over more (train.py --lambda-spread, not
@@ -226,7 +227,8 @@ class Experiment:
         w = scale.world_config
         self.mapper_data = os.path.join(work, "data-mapper") if (w.named or w.mapper_original[0]) else self.data
         cfg = self.base_cfg
-        self.tag = f"seed{cfg.seed}" + (f"-ch{cfg.model_channels}" if cfg.model_channels != base.UNET.model_channels else "")
+        wide = cfg.model_channels != base.UNET.model_channels
+        self.tag = f"seed{cfg.seed}" + (f"-ch{cfg.model_channels}" if wide else "")
         self.weights = os.path.join(work, f"base-{self.tag}.safetensors")
         self.vae_path = os.path.join(work, f"vae-seed{cfg.seed}.safetensors")
         self.judge_path = os.path.join(work, f"judge-seed{cfg.seed}.pt")
@@ -278,8 +280,8 @@ class Experiment:
             vae = AutoencoderKL(base.VAE)
             vae.load_state_dict(load_file(self.vae_path))
             return vae.eval(), done
-        vae, facts = base.make_vae(self.data, self.base_cfg, self.log,
-                                   figure=os.path.join(self.figures, f"vae_reconstructions_seed{self.base_cfg.seed}.png"))
+        figure = os.path.join(self.figures, f"vae_reconstructions_seed{self.base_cfg.seed}.png")
+        vae, facts = base.make_vae(self.data, self.base_cfg, self.log, figure=figure)
         save_file(vae.state_dict(), self.vae_path + ".tmp")
         os.replace(self.vae_path + ".tmp", self.vae_path)
         facts.update(threads=torch.get_num_threads(), torch=torch.__version__)
@@ -291,7 +293,8 @@ class Experiment:
         config = {**self.base_config(), "vae_sha256": file_digest(self.vae_path)}
         if (done := self._cached(name, config)) and os.path.isfile(self.weights):
             return {**vae_facts, **done}
-        facts = base.train_base(self.data, self.weights, vae, self.base_cfg, self.log, self.scale.world_config.name_rate)
+        facts = base.train_base(self.data, self.weights, vae, self.base_cfg, self.log,
+                                self.scale.world_config.name_rate)
         return {**vae_facts, **self._done(name, config, facts)}
 
     def load_model(self) -> SDXL:
@@ -311,7 +314,8 @@ class Experiment:
         images, labels = judge_lib.render_set(n, seed=1)
         held_images, held_labels = judge_lib.render_set(max(16, n // 6), seed=2)
         rec, held_rec = self.round_trip(model, images), self.round_trip(model, held_images)
-        judge = judge_lib.train_judge(torch.cat([images, rec]), torch.cat([labels, labels]), self.scale.judge_steps, log=self.log)
+        judge = judge_lib.train_judge(torch.cat([images, rec]), torch.cat([labels, labels]), self.scale.judge_steps,
+                                      log=self.log)
         torch.save(judge.state_dict(), self.judge_path)
         facts = {"held_out_rendered": judge_lib.accuracy(judge, held_images, held_labels),
                  "held_out_through_vae": judge_lib.accuracy(judge, held_rec, held_labels),
@@ -326,7 +330,8 @@ class Experiment:
         config = {"vae_sha256": file_digest(self.vae_path), "pairs": self.scale.footprint_pairs}
         if done := self._cached(name, config):
             return done["latent_l2"]
-        return self._done(name, config, {"latent_l2": measures.factor_footprints(model.vae, self.scale.footprint_pairs)})["latent_l2"]
+        footprints = measures.factor_footprints(model.vae, self.scale.footprint_pairs)
+        return self._done(name, config, {"latent_l2": footprints})["latent_l2"]
 
     @torch.no_grad()
     def round_trip(self, model: SDXL, images: torch.Tensor) -> torch.Tensor:
@@ -488,7 +493,8 @@ class Experiment:
         else:
             t0 = time.time()
             learned = [inversion.invert(model, code_person(code, concept), concept, stats, family,
-                                        steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr, seed=code)
+                                        steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr,
+                                        seed=code)
                        for concept, code in keys]
             torch.save(learned, path)
             done = self._done(name, config, {"seconds": round(time.time() - t0)})
@@ -599,15 +605,21 @@ def distances(run: str, first: int = 50) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.split("\n")[0])
-    p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full: the experiment; smoke: the plumbing in a minute")
+    p.add_argument("--scale", default="full", choices=sorted(SCALES),
+                   help="full: the experiment; smoke: the plumbing in a minute")
     p.add_argument("--rows", default="all", choices=["all", "core"],
-                   help="core: the base models and full CoCoIns over seeds; all: plus γ on two widths and the size conditioning")
-    p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"), help="where the world, the models and the runs are kept (rerun skips what exists)")
+                   help="core: the base models and full CoCoIns over seeds; all: plus γ on two widths, the size "
+                        "conditioning and the word-spread term")
+    p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"),
+                   help="where the world, the models and the runs are kept (rerun skips what exists)")
     p.add_argument("--results", default=os.path.join(ROOT, "toyworld", "RESULTS.md"), help="the report to write")
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/ beside --results)")
-    p.add_argument("--base-seeds", type=int, default=0, help="base models trained from scratch (0: the scale's, 2 at full scale)")
-    p.add_argument("--mapper-seeds", type=int, default=0, help="mapper seeds of the full row on each base model (0: the scale's, 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (0: PyTorch's choice); mapper runs use one each")
+    p.add_argument("--base-seeds", type=int, default=0,
+                   help="base models trained from scratch (0: the scale's, 2 at full scale)")
+    p.add_argument("--mapper-seeds", type=int, default=0,
+                   help="mapper seeds of the full row on each base model (0: the scale's, 3)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads of this process (0: PyTorch's choice); mapper runs use one each")
     p.add_argument("--jobs", type=int, default=1, help="mapper runs trained side by side (2 on a 2-core machine)")
     return p.parse_args(argv)
 
@@ -634,8 +646,9 @@ class Run:
                       for b in range(scale.base_seeds)]
         self.wide = Experiment(scale, args.work, self.figures,
                                base_config=replace(scale.base_config, model_channels=scale.wide_channels))
-        self.facts = {"command": command_line(args), "scale": args.scale, "machine": f"{torch.get_num_threads()} CPU threads",
-                      "torch": torch.__version__, "pillow": PIL.__version__, "base_seeds": scale.base_seeds, "mapper_seeds": scale.mapper_seeds,
+        self.facts = {"command": command_line(args), "scale": args.scale,
+                      "machine": f"{torch.get_num_threads()} CPU threads", "torch": torch.__version__,
+                      "pillow": PIL.__version__, "base_seeds": scale.base_seeds, "mapper_seeds": scale.mapper_seeds,
                       "figures": self.figures}
         self.runs: list[str] = []  # every mapper run the report uses
 
@@ -667,7 +680,8 @@ class Run:
             self.facts["bases"].append({"tag": exp.tag, "base_facts": base_facts})
 
     def core_runs(self):
-        runs = self.train_side_by_side([(exp, FULL, seed) for exp in self.bases for seed in range(self.scale.mapper_seeds)])
+        pairs = [(exp, FULL, seed) for exp in self.bases for seed in range(self.scale.mapper_seeds)]
+        runs = self.train_side_by_side(pairs)
         self.runs += runs
         return runs
 
@@ -690,7 +704,8 @@ class Run:
                                              "base model, the person named in full")
                       for key, factors in NAMED.items()}
         if s.world_config.named:
-            f["by_name"] = exp.eval_jobs_row(model, judge, by_name_jobs(s, exp.truth()), None, fig("contact_by_name.png"),
+            f["by_name"] = exp.eval_jobs_row(model, judge, by_name_jobs(s, exp.truth()), None,
+                                             fig("contact_by_name.png"),
                                              "base model, named people called by name")
         f["full_rows"] = [exp.mapper_row(model, judge, os.path.join(run, "mapper.safetensors"),
                                          fig("contact_cocoins.png") if seed == 0 else None, "CoCoIns")
@@ -700,14 +715,17 @@ class Run:
             mapper = load_mapper(os.path.join(runs[0], "mapper.safetensors"))
             f["bleed"] = measures.context_bleed(model, mapper, [1000 + c for c in range(s.codes)])
             torch.manual_seed(0)  # an untrained mapper, train.py's initialisation: how many directions words start in
-            fresh = Mapper(MapperConfig(token_widths=(model.clip_l.config.width, model.clip_g.config.width)), token_stats(model))
+            widths = (model.clip_l.config.width, model.clip_g.config.width)
+            fresh = Mapper(MapperConfig(token_widths=widths), token_stats(model))
             f["untrained"] = measures.mapper_word_stats(fresh, [1000 + c for c in range(s.codes)])
             log = read_log(runs[0])
             report.line_plot({key: [(r["step"], r[key]) for r in log] for key in ("l_pos", "l_back", "d_neg")},
                              os.path.join(self.figures, "curve_loss.png"), "loss terms (full CoCoIns, seed 0)", "value")
             f["curve"] = exp.curve(model, judge, runs[0])
-            report.line_plot({key: [(c["step"], c[key]) for c in f["curve"]] for key in ("face_sim", "face_div", "identity_agreement")},
-                             os.path.join(self.figures, "curve_face_sim.png"), "Face Sim / Face Div / agreement over training", "value")
+            curves = {key: [(c["step"], c[key]) for c in f["curve"]]
+                      for key in ("face_sim", "face_div", "identity_agreement")}
+            report.line_plot(curves, os.path.join(self.figures, "curve_face_sim.png"),
+                             "Face Sim / Face Div / agreement over training", "value")
         return f
 
     def inversion(self, k: int, exp: Experiment):
@@ -746,7 +764,7 @@ class Run:
         judge, _ = exp.make_judge(model)
         rows = [exp.mapper_row(model, judge, os.path.join(run, "mapper.safetensors"), census=False) for run in runs]
         self.facts["time_ids"] = {"sampling": report.aggregate(rows),
-                                  "data": report.aggregate(self.facts["bases"][0]["full_rows"][:TIME_IDS_SAMPLING.seeds])}
+                                  "data": report.aggregate(self.facts["bases"][0]["full_rows"][:len(rows)])}
 
 
 def spread_row(run: "Run") -> None:

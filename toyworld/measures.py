@@ -176,7 +176,8 @@ def context_bleed(model, mapper, codes: list[int], scenes=world.SCENES) -> dict:
         prompt = world.prompt("woman", sc)
         c, after = shift(prompt)
         for word in world.SKIN_WORDS.values():
-            real.append(rel(shift(prompt.replace("woman", f"{word} woman"))[0], c, after, len(model.tok_l.encode(word))))
+            with_word = shift(prompt.replace("woman", f"{word} woman"))[0]
+            real.append(rel(with_word, c, after, len(model.tok_l.encode(word))))
         for code in codes:
             w_l, w_g = mapper(code_to_z(code, mapper.config.z_dim)[None])
             pseudo.append(rel(model.encode_prompt([prompt], [(w_l[0], w_g[0], "woman")])[0][0], c, after, 1))
@@ -184,4 +185,5 @@ def context_bleed(model, mapper, codes: list[int], scenes=world.SCENES) -> dict:
         c_other, after_other = shift(other)
         if len(after_other) == len(after):  # the same positions hold the other scene's words
             scene.append(rel(c_other, c, after, 0))
-    return {"real_word": float(np.mean(real)), "pseudo_word": float(np.mean(pseudo)), "other_scene": float(np.mean(scene))}
+    return {"real_word": float(np.mean(real)), "pseudo_word": float(np.mean(pseudo)),
+            "other_scene": float(np.mean(scene))}

@@ -195,11 +195,13 @@ def _factor_table(facts: dict, h: dict) -> list[str]:
            "cosine between images of different groups.", "",
            "| row | " + " | ".join(names) + " | pair div |", "|" + "---|" * (len(names) + 2)]
     if fp:
-        out.append("| latent footprint (l2, base seed 0's VAE) | " + " | ".join(f"{fp[n]:.3f}" for n in names) + " | – |")
+        out.append("| latent footprint (l2, base seed 0's VAE) | " + " | ".join(f"{fp[n]:.3f}" for n in names)
+                   + " | – |")
     for label, key in ROW_LABELS:
         m = h.get(key)
         if m and f"agree_{names[0]}" in m:
-            out.append(f"| {label} | " + " | ".join(f"{m[f'agree_{n}']:.2f}" for n in names) + f" | {m['pair_div']:.2f} |")
+            cells = " | ".join(f"{m[f'agree_{n}']:.2f}" for n in names)
+            out.append(f"| {label} | {cells} | {m['pair_div']:.2f} |")
     return out
 
 
@@ -217,9 +219,12 @@ ROW_LABELS = (("Dataset (its people drawn as 64 px originals)", "dataset"),
 def _census_table(facts: dict) -> list[str]:
     shirts = list(world.FACTORS["shirt"])
     rows = [("Dataset (one vote per person)", [b["dataset_census"] for b in facts["bases"]]),
-            ("Base model, no code", [b["base_rows"][0]["census"] for b in facts["bases"] if "census" in b["base_rows"][0]]),
-            ("CoCoIns (full, every mapper seed)", [r["census"] for b in facts["bases"] for r in b["full_rows"] if "census" in r]),
-            ("CoCoIns with the word-spread term (λ = 10, base seed 0)", [facts["spread"]["census"]] if facts.get("spread") else [])]
+            ("Base model, no code", [b["base_rows"][0]["census"] for b in facts["bases"]
+                                     if "census" in b["base_rows"][0]]),
+            ("CoCoIns (full, every mapper seed)", [r["census"] for b in facts["bases"] for r in b["full_rows"]
+                                                   if "census" in r]),
+            ("CoCoIns with the word-spread term (λ = 10, base seed 0)",
+             [facts["spread"]["census"]] if facts.get("spread") else [])]
     out = ["| row | " + " | ".join(shirts) + " | largest share |", "|" + "---|" * (len(shirts) + 2)]
     for name, censuses in rows:
         if not censuses:
@@ -240,8 +245,9 @@ def write_results(path: str, facts: dict) -> None:
           f"Scale `{f['scale']}`; {f['world']['images']} images of {f['world']['identities']} people "
           f"({f['world'].get('named', 0)} of them known by a one-token name; the mapper trains on the other "
           f"{f['world'].get('mapper_images', 0)} images); {len(bases)} base models trained from scratch, CoCoIns "
-          f"over {f['mapper_seeds']} mapper seeds on each; torch {f['torch']}, Pillow {f.get('pillow')}, {f['machine']}; wall time "
-          f"{f['seconds'] / 60:.0f} min, mapper runs {f.get('mapper_minutes', 0):.0f} min summed (one thread each).", "",
+          f"over {f['mapper_seeds']} mapper seeds on each; torch {f['torch']}, Pillow {f.get('pillow')}, "
+          f"{f['machine']}; wall time {f['seconds'] / 60:.0f} min, mapper runs {f.get('mapper_minutes', 0):.0f} min "
+          "summed (one thread each).", "",
           "Spreads: `± b` is the standard deviation over base models (each retrained from scratch on its own seed), "
           "`± m` over mapper seeds within a base model (pooled).", "",
           "## Is CoCoIns working here?", "",
@@ -296,7 +302,8 @@ def write_results(path: str, facts: dict) -> None:
         L += _table([("--time-ids data (the full rows)", t["data"]), ("--time-ids sampling", t["sampling"])]) + [""]
     if f.get("gamma"):
         L += ["## γ on two base models", "",
-              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-), one mapper seed each, in its two "
+              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-), one mapper seed each, in its "
+              "two "
               "units: absolute (λ_neg = γ·(k/K)^β) and relative (`--gamma-unit d_neg`: γ in units of D², D the mean "
               "d_neg of the run's first 20 steps). Each row gives its γ in both: γ_abs, the weight applied, and "
               "γ_abs / D². d_neg and d_pos as logged over the run's first and last 50 steps.", ""]
@@ -316,7 +323,8 @@ def write_results(path: str, facts: dict) -> None:
         bf, q = b["base_facts"], b["quality"]
         L += [f"- {b['tag']}: VAE {bf['vae_seconds'] / 60:.1f} min (latent scale {bf['latent_scale']:.3f}, L1 "
               f"{bf['vae_l1_64px']:.3f}), UNet and text {bf['unet_seconds'] / 60:.1f} min; a named attribute appears "
-              f"{q['named_attribute_accuracy']:.3f} of the time; judge: person {b['judge']['held_out_rendered']['person']:.3f} "
+              f"{q['named_attribute_accuracy']:.3f} of the time; judge: person "
+              f"{b['judge']['held_out_rendered']['person']:.3f} "
               f"rendered, {b['judge']['held_out_through_vae']['person']:.3f} through the VAE."]
     L += ["", "## Figures", ""]
     for title, name in (("CoCoIns: rows are codes, columns scenes (base seed 0, mapper seed 0)", "contact_cocoins.png"),
@@ -326,7 +334,8 @@ def write_results(path: str, facts: dict) -> None:
                         ("One word learned per person (textual inversion)", "contact_inverted.png"),
                         ("Loss terms over training (full CoCoIns, base seed 0, mapper seed 0)", "curve_loss.png"),
                         ("Face Sim and Face Div over training", "curve_face_sim.png"),
-                        ("VAE: images (top) and reconstructions (bottom), base seed 0", "vae_reconstructions_seed0.png")):
+                        ("VAE: images (top) and reconstructions (bottom), base seed 0",
+                         "vae_reconstructions_seed0.png")):
         if os.path.isfile(os.path.join(f["figures"], name)):
             L += [f"**{title}**", "", f"![{title}]({rel(os.path.join(f['figures'], name))})", ""]
     L += ["## Raw numbers", "", "```json", json.dumps(f, indent=1, default=str), "```", ""]

@@ -178,7 +178,8 @@ def ship(out: str, work: str, scale_name: str = "full", log=print) -> dict:
     return manifest
 
 
-def contact_sheet(path: str, folder: str = OUT, codes={"woman": (1, 2, 3, 4), "man": (5, 6, 7, 8)}, seed: int = 0) -> None:
+def contact_sheet(path: str, folder: str = OUT, codes={"woman": (1, 2, 3, 4), "man": (5, 6, 7, 8)},
+                  seed: int = 0) -> None:
     """The README's picture of the shipped model: a row per code (woman codes, then man codes), a column per
     scene, every image the one `python sample.py --code C --prompt "a photo of a woman on the beach" --seed S`
     draws (sample.py's own functions, the manifest's settings), shown at twice its size."""
@@ -208,10 +209,14 @@ def contact_sheet(path: str, folder: str = OUT, codes={"woman": (1, 2, 3, 4), "m
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m toyworld.ship", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=OUT, help="where the shipped files go")
-    p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"), help="the experiment's cache (shared with python -m toyworld)")
-    p.add_argument("--scale", default="full", choices=sorted(experiment.SCALES), help="full: the shipped model; smoke: the plumbing")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads: the files are bit-identical for the same torch and thread count")
-    p.add_argument("--sheet", default=None, help="only draw the README's contact sheet of the model in --out into this PNG")
+    p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"),
+                   help="the experiment's cache (shared with python -m toyworld)")
+    p.add_argument("--scale", default="full", choices=sorted(experiment.SCALES),
+                   help="full: the shipped model; smoke: the plumbing")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads: the files are bit-identical for the same torch, Pillow and thread count")
+    p.add_argument("--sheet", default=None,
+                   help="only draw the README's contact sheet of the model in --out into this PNG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.sheet:

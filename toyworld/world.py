@@ -231,12 +231,14 @@ def _person(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, who: Identity, at: P
     # Eyes (where the person looks) and glasses.
     ex, ey = cx + at.facing * 0.3 * r, head_y + 0.15 * r
     for s in (-1, 1):
-        shapes.append(("disc", [ex + s * 0.38 * r - 0.13 * r, ey - 0.13 * r, ex + s * 0.38 * r + 0.13 * r, ey + 0.13 * r],
+        shapes.append(("disc", [ex + s * 0.38 * r - 0.13 * r, ey - 0.13 * r,
+                                ex + s * 0.38 * r + 0.13 * r, ey + 0.13 * r],
                        (20, 20, 30)))
     if f["glasses"] == "yes":
         for s in (-1, 1):
             gx = ex + s * 0.4 * r
-            shapes.append(("ring", [gx - 0.32 * r, ey - 0.28 * r, gx + 0.32 * r, ey + 0.28 * r], (10, 10, 10), 0.12 * r))
+            ring = [gx - 0.32 * r, ey - 0.28 * r, gx + 0.32 * r, ey + 0.28 * r]
+            shapes.append(("ring", ring, (10, 10, 10), 0.12 * r))
         shapes.append(("line", [(ex - 0.1 * r, ey), (ex + 0.1 * r, ey)], (10, 10, 10), 0.12 * r))
 
     for kind, xy, colour, *width in shapes:
@@ -435,7 +437,8 @@ def export(out: str, cfg: WorldConfig = WorldConfig(), mapper_out: str | None = 
     for folder in folders:
         os.makedirs(os.path.join(folder, "img_align_celeba"), exist_ok=True)
         os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
-    rows = {folder: {"captions.jsonl": [], "identity_CelebA.txt": [], "list_eval_partition.txt": []} for folder in folders}
+    rows = {folder: {"captions.jsonl": [], "identity_CelebA.txt": [], "list_eval_partition.txt": []}
+            for folder in folders}
     truth = {}
     n = 0
     for person_id, who in enumerate(people, start=1):
@@ -460,7 +463,8 @@ def export(out: str, cfg: WorldConfig = WorldConfig(), mapper_out: str | None = 
             for folder, pixels, subject in files:
                 Image.fromarray(pixels).save(os.path.join(folder, "img_align_celeba", file))
                 Image.fromarray(subject).save(os.path.join(folder, "masks", file))
-                rows[folder]["captions.jsonl"].append(json.dumps({"image": file, "captions": captions, "concept": concept}))
+                line = json.dumps({"image": file, "captions": captions, "concept": concept})
+                rows[folder]["captions.jsonl"].append(line)
                 rows[folder]["identity_CelebA.txt"].append(f"{file} {person_id}")
                 # CelebA's partition file: the last image of each person is held out (1 = valid).
                 rows[folder]["list_eval_partition.txt"].append(f"{file} {1 if k == cfg.images_per_identity - 1 else 0}")
