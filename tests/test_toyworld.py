@@ -477,7 +477,7 @@ def test_resize_and_crop_is_what_data_py_does_to_an_original(tmp_path):
 def test_the_names_world_gives_the_mapper_the_unnamed_people_as_small_tall_files(tmp_path):
     from data import DataConfig, ImageFolder
 
-    cfg = replace(world.WorldConfig(), identities=6, images_per_identity=2, named=2)
+    cfg = replace(world.WorldConfig(), identities=6, images_per_identity=2, named=2, named_images=2)
     facts = world.export(str(tmp_path / "all"), cfg, str(tmp_path / "mapper"))
     assert facts == {"images": 12, "identities": 6, "named": 2, "mapper_images": 8}
     truth = base.load_world_truth(str(tmp_path / "all"))

@@ -382,8 +382,8 @@ class WorldConfig:
     # are photographed more: SDXL saw each celebrity in many pictures) and the share of their captions that call
     # them by name. The mapper trains on the others, as CoCoIns trains on CelebA's unknowns. (200 names of 10
     # images each, at most 190 captions a name in the base model's training, taught it nothing of who they were.)
-    named: int = 50
-    named_images: int = 40
+    named: int = 16
+    named_images: int = 150
     name_rate: float = 0.75
     # The base model's images: "square", each a 64 px original (the first passes), or "varied", SDXL's way: an
     # original of random size and shape (`draw_original`), resized and randomly cropped to 64 px, its size and crop
