@@ -69,6 +69,10 @@ CODE_RUNS = {
     "two_subjects_found": ["--code", 1, "--code", 2, "--prompt", "a man and a woman talking in a park"],
     "possessive": ["--code", 1, "--prompt", "a woman's portrait, (smiling)"],
     "mapper_folder": ["--code", 1, "--prompt", READING, "--mapper", "MAPPER_FOLDER"],
+    # the code1 run's two images and a third, in batches of two: the first batch holds both of code1's images
+    "batched": ["--code", 1, "--prompt", READING, "--prompt", SURFING, "--prompt", READING, "--seed", 5,
+                "--batch-size", 2],
+    "one_at_a_time": ["--code", 1, "--prompt", READING, "--seed", 5],  # (after --seed 0: seeds 0 and 5)
 }
 # Mistakes: name -> (arguments after --weights, what the one error line must say).
 MISTAKES = {
@@ -80,6 +84,7 @@ MISTAKES = {
     "mps_without_mps": (["--prompt", "a cat", "--device", "mps"], "has none; use --device cpu"),
     "png_for_several_images": (["--prompt", "a cat", "--num-images", 2, "--out", "x.png"], "names one file but 2 images"),
     "zero_images": (["--prompt", "a cat", "--num-images", 0], "ask for at least one image"),
+    "zero_batch": (["--prompt", "a cat", "--batch-size", 0], "--batch-size 0: a batch holds at least one image"),
     "zero_steps": (["--prompt", "a cat", "--steps", 0], "use at least 1 step"),
     "too_many_steps": (["--prompt", "a cat", "--steps", 2000], "--steps 2000: use at least 1 step and at most 999"),
     "eta_above_1": (["--prompt", "a cat", "--eta", 2], "--eta 2.0: use a number from 0"),
@@ -128,7 +133,8 @@ def make_toy(weights_dir, single, mapper) -> str:
     shutil.copyfile(single, toy / "base.safetensors")
     shutil.copyfile(mapper, toy / "mapper.safetensors")
     (toy / "manifest.json").write_text(json.dumps({"sampling": TOY_SAMPLING, "words": {
-        "concepts": ["man", "woman", "person"], "scenes": {"beach": "on the beach", "snow": "in the snow"}}}))
+        "concepts": ["man", "woman", "person"], "scenes": {"beach": "on the beach", "snow": "in the snow"}},
+        "files": {"base.safetensors": {}, "mapper.safetensors": {}}}))
     return str(weights_dir)
 
 
@@ -169,6 +175,7 @@ def runs(tiny, tmp_path_factory):
     toy = make_toy(tmp / "weights_with_toy", single, mapper)
     for name, extra in (("toy", []), ("toy_given", ["--steps", 1, "--width", 72]), ("toy_info", ["--info"]),
                         ("toy_missing_weights", ["--weights", tmp / "nowhere.safetensors"]),
+                        ("toy_by_file", ["--weights", tmp / "weights_with_toy" / "toy" / "base.safetensors"]),
                         ("toy_missing_mapper", ["--mapper", tmp / "nowhere.safetensors"])):
         prompt = [] if name == "toy_info" else ["--prompt", "a photo of a woman on the beach"] + (
             [] if name == "toy_missing_weights" else ["--code", 3])
@@ -192,6 +199,22 @@ def test_same_code_gives_the_same_image_in_a_new_process(runs):
     first = output(runs, "code1", "000-seed0-code1.png")
     assert first.std() > 10  # a real image, not a flat one
     assert np.array_equal(first, output(runs, "code1_again", "000-seed0-code1.png"))
+
+
+def test_batched_images_are_the_ones_drawn_alone_and_saved_in_order(runs):
+    """--batch-size 2 over the (prompt, seed) pairs in order: each image within 1/255 of the one drawn alone (float
+    rounding of batched kernels), under the name it gets without batching; the third batch is the first again."""
+    files = sorted(p.name for p in runs["batched"][1].glob("0*.png"))
+    assert files == ["000-seed0-code1.png", "001-seed5-code1.png", "002-seed0-code1.png", "003-seed5-code1.png",
+                     "004-seed0-code1.png", "005-seed5-code1.png"]
+    alone = {"000-seed0-code1.png": output(runs, "code1", "000-seed0-code1.png"),  # reading, seed 0
+             "001-seed5-code1.png": output(runs, "one_at_a_time", "001-seed5-code1.png"),  # reading, seed 5
+             "002-seed0-code1.png": output(runs, "code1", "001-seed0-code1.png")}  # surfing, seed 0
+    for name, expected in alone.items():
+        assert np.abs(output(runs, "batched", name).astype(int) - expected).max() <= 1, name
+    # the third prompt is the first again, in a batch of the same two images: the same pixels
+    for again, first in (("004-seed0-code1.png", "000-seed0-code1.png"), ("005-seed5-code1.png", "001-seed5-code1.png")):
+        np.testing.assert_array_equal(output(runs, "batched", again), output(runs, "batched", first))
 
 
 def test_a_code_works_across_prompts(runs):
@@ -370,6 +393,18 @@ def test_without_sdxl_the_shipped_toy_model_draws_with_its_own_settings_and_says
     # the command that remakes it names the toy files: on a machine with SDXL it would otherwise draw with SDXL
     assert "--weights" in png.text["command"] and "toy/base.safetensors" in png.text["command"]
     assert "toy/mapper.safetensors" in png.text["command"]
+
+
+def test_the_toy_model_named_by_its_file_draws_with_its_own_settings_and_mapper(runs):
+    """--weights weights/toy/base.safetensors (as tests/test_method.py and a machine with SDXL name it): the
+    manifest beside the file gives the settings not given, and the mapper beside it is the default; no note."""
+    r, out = runs["toy_by_file"]
+    assert r.returncode == 0, r.stderr
+    assert "no SDXL weights found" not in r.stderr
+    png = Image.open(next(out.glob("*.png")))
+    params = json.loads(png.text["parameters"])
+    assert png.size == (48, 56) and params["steps"] == 2 and params["guidance"] == 3.5 and params["code"] == [3]
+    np.testing.assert_array_equal(np.asarray(png.convert("RGB")), output(runs, "toy", next(runs["toy"][1].glob("*.png")).name))
 
 
 def test_a_setting_given_overrides_the_toy_models_own(runs):
