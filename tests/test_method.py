@@ -10,7 +10,7 @@ the judge, as toyworld/experiment.py does:
 - scene accuracy holds: the judge reads the prompt's scene in codes' images about as often as without codes;
 - the same code on two seeds agrees more than two different codes do, scene by scene.
 
-MARGIN comes from toyworld/RESULTS.md's evaluation of this very model (base seed 0, mapper seed 0), see below.
+MARGIN comes from the toy world's measured gap, see below.
 """
 
 import os
@@ -30,10 +30,11 @@ TOY = os.path.join(ROOT, "weights", "toy")
 # Two codes per concept word; each in the six scenes on two seeds (48 images), and as many without a code.
 CODES = {"woman": (1, 2), "man": (3, 4)}
 SEEDS = (0, 1)
-# The gap this test asks of Face Sim (codes minus no code). toyworld/RESULTS.md measures it on 16 codes x 12
-# images for this model at MARGIN_MEASURED; with 4 codes x 12 images here the gap's own sampling spread is about
-# a third of that, so asking for half of it fails only when codes stop holding people.
-MARGIN_MEASURED = None  # filled from RESULTS.md once measured
+# The gap this test asks of Face Sim (codes minus no code), about half of what was measured: toyworld's first
+# trained-text pass measured 0.221 (0.691 ± 0.014 against the base model's 0.470 ± 0.004, 3 mapper seeds,
+# toyworld/RESULTS-trained-text.md), and this test measures 0.214 on the shipped model (0.838 against 0.625;
+# scene accuracy 1.000 both; a code on two seeds 0.885 against two codes 0.333). Mutants that break the method
+# fall far below it: the code's latent shuffled in each command, 0.008; the mapper's output zeroed, -0.071.
 MARGIN = 0.10
 
 
@@ -45,18 +46,20 @@ def drawn(tmp_path_factory):
         pytest.fail("weights/toy/ is missing: the shipped toy model is part of the repository (python -m toyworld.ship)")
     out = tmp_path_factory.mktemp("method")
     weights = ["--weights", os.path.join(TOY, "base.safetensors"), "--mapper", os.path.join(TOY, "mapper.safetensors"),
-               "--device", "cpu"]
+               "--device", "cpu", "--batch-size", "12"]
     coded, coded_keys, plain, plain_keys = [], [], [], []
     threads = torch.get_num_threads()
     for concept, codes in CODES.items():
         prompts = [world.prompt(concept, scene) for scene in world.SCENES]
         for code in codes:
-            folder = out / f"{concept}-code{code}"
-            # as a user runs it: python sample.py --code C --prompt P1 ... --prompt P6 --seed 0 --seed 1
-            sample.main([*weights, "--code", str(code), *sum([["--prompt", p] for p in prompts], []),
-                         *sum([["--seed", str(s)] for s in SEEDS], []), "--out", str(folder)])
-            coded += read(folder, len(prompts) * len(SEEDS))
-            coded_keys += [(concept, code, scene, s) for scene in world.SCENES for s in SEEDS]
+            # as a user runs it, one command per seed: python sample.py --code C --prompt P1 ... --prompt P6 --seed S
+            # (a code must mean its person in every command, not only within one)
+            for s in SEEDS:
+                folder = out / f"{concept}-code{code}-seed{s}"
+                sample.main([*weights, "--code", str(code), *sum([["--prompt", p] for p in prompts], []),
+                             "--seed", str(s), "--out", str(folder)])
+                coded += read(folder, len(prompts))
+                coded_keys += [(concept, code, scene, s) for scene in world.SCENES]
             # the same prompts without a code, each group on seeds of its own: random people grouped by index
             folder = out / f"{concept}-group{code}"
             sample.main([*weights, *sum([["--prompt", p] for p in prompts], []),
