@@ -78,7 +78,7 @@ class BaseConfig:
     # The people's names (world.WorldConfig.named): "learned", their rows of both token tables train with the
     # towers, as CLIP learned the tokens of the famous names SDXL knows; "frozen", at CLIP's random initialisation
     # like every other row. Frozen, 190 captions per name taught the towers nothing: a named prompt drew what the
-    # unnamed one did. 200 learned rows of 49,408 leave the tables' statistics, which shape the pseudo-words, as
+    # unnamed one did. A few learned rows (16) of 49,408 leave the tables' statistics, which shape the pseudo-words, as
     # they were.
     names: str = "learned"
     model_channels: int = 64  # the UNet's width (UNET's); another width is another base model of the same world
