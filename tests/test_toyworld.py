@@ -239,12 +239,18 @@ def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
     command = json.loads((runs[2] / "done.json").read_text())["command"]
     assert command[command.index("--data") + 1].endswith("data-mapper")
     assert command[command.index("--weights") + 1].endswith("base-seed1.safetensors")
-    # A rerun reuses the world, the base models, the judges and the trained mappers.
+    # A rerun reuses the world, the base models, the judges and the trained mappers, and the rows drawn without a
+    # mapper where no figure asks for them to be redrawn (base seed 1 draws no figure).
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "rows").glob("seed1-*.json")}
+    assert len(kept) == 2 + len(experiment.NAMED) + 1  # base rows (one per mapper seed), named rows, by name
     again = subprocess.run([sys.executable, "-m", "toyworld", "--scale", "smoke", "--rows", "core",
                             "--work", str(tmp_path / "work"), "--results", str(results)],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "training " not in again.stdout and "vae step" not in again.stdout and "judge step" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert json.loads(results.read_text().split("```json")[1].split("```")[0])["bases"][1]["base_rows"] == \
+        raw["bases"][1]["base_rows"]
 
 
 def test_a_run_is_known_by_its_resolved_settings():

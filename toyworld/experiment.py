@@ -297,6 +297,11 @@ class Experiment:
                                 self.scale.world_config.name_rate)
         return {**vae_facts, **self._done(name, config, facts)}
 
+    def row_cache(self, name: str) -> str:
+        """Where `eval_jobs_row` keeps the scores of a row of this base model without a mapper."""
+        os.makedirs(os.path.join(self.work, "rows"), exist_ok=True)
+        return os.path.join(self.work, "rows", f"{self.tag}-{name}.json")
+
     def load_model(self) -> SDXL:
         return SDXL.load(self.weights)  # the project's own loader, as sample.py and train.py load it
 
@@ -695,18 +700,19 @@ class Run:
         f["judge"] = judge_facts
         f["dataset"], f["dataset_vae"], f["dataset_census"] = exp.dataset_rows(judge, model)
         f["quality"] = exp.base_quality(model, judge)
+        kept = exp.row_cache  # the rows without a mapper, kept in the work folder (a rerun that draws a figure redraws)
         f["base_rows"] = [exp.eval_jobs_row(model, judge, eval_jobs(s, offset), None,
                                             fig("contact_base.png") if offset == 0 else None, "base model, no code",
-                                            census=census_jobs(s) if offset == 0 else None)
+                                            kept(f"base-{offset}"), census=census_jobs(s) if offset == 0 else None)
                           for offset in range(s.mapper_seeds)]
         f["named"] = {key: exp.eval_jobs_row(model, judge, named_jobs(s, factors), None,
                                              fig("contact_named.png") if key == "all 7" else None,
-                                             "base model, the person named in full")
+                                             "base model, the person named in full", kept(f"named-{_slug(key)}"))
                       for key, factors in NAMED.items()}
         if s.world_config.named:
             f["by_name"] = exp.eval_jobs_row(model, judge, by_name_jobs(s, exp.truth()), None,
                                              fig("contact_by_name.png"),
-                                             "base model, named people called by name")
+                                             "base model, named people called by name", kept("by-name"))
         f["full_rows"] = [exp.mapper_row(model, judge, os.path.join(run, "mapper.safetensors"),
                                          fig("contact_cocoins.png") if seed == 0 else None, "CoCoIns")
                           for seed, run in enumerate(runs)]
@@ -743,7 +749,7 @@ class Run:
         pairs = [(exp, row, 0) for unit in units for exp in exps.values() for row in grids[unit].values()]
         runs = dict(zip([(id(exp), row.name) for exp, row, _ in pairs], self.train_side_by_side(pairs)))
         self.runs += runs.values()
-        self.facts["gamma"] = {}
+        self.facts.setdefault("gamma", {})
         for label, exp in exps.items():
             model = exp.load_model()
             judge, _ = exp.make_judge(model)  # the wide model shares the first base model's VAE, so its judge
@@ -788,14 +794,15 @@ def main(argv=None) -> None:
     for k, exp in enumerate(run.bases):
         run.evaluate_base(k, exp, per_base[k])
     run.report()  # the core rows are on disk before the longer steps start
-    for k, exp in enumerate(run.bases):
-        run.inversion(k, exp)
-        run.report()
-    if args.rows == "all":
+    if args.rows == "all":  # each question's answer is on disk before the next, the longest (inversion) last
+        run.gamma(("absolute",))
         run.time_ids()
+        run.report()
         spread_row(run)
         run.report()
-        run.gamma()
+        run.gamma(("d_neg",))
+    for k, exp in enumerate(run.bases):
+        run.inversion(k, exp)
         run.report()
     for criterion, verdict, value in report.verdicts(run.facts):
         run.log(f"{verdict}: {criterion}: {value}")
