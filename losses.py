@@ -81,7 +81,11 @@ class LossConfig:
     # The unit of γ: "absolute", λ_neg = γ·(k/K)^β as the paper writes it; or "d_neg", γ in units of D², D the
     # mean d_m(x̂*, x̂-) over the run's first steps (step.py's GammaScale), so that the reciprocal's push
     # γ·D²/d² asks the same of any model, whatever distances its x̂₀ estimates lie at. The push of λ/d
-    # scales as λ/d²: a γ tuned where d ~ 0.01 is a hundred times stronger where d ~ 0.001.
+    # scales as λ/d²: a γ tuned where d ~ 0.01 is a hundred times stronger where d ~ 0.001. Measured in the
+    # toy world, "absolute" stays the default: the best γ stayed at 1e-2 on two UNet widths whose d_neg over
+    # the first 20 steps differ 4-fold (at γ = 1e-4), and D turned out to measure the untrained mapper's
+    # spread (codes not yet apart, D ~ 1e-3), not the model's distances (toyworld/RESULTS.md, experiment.py's
+    # GAMMAS). README, "Choosing γ": what to read in log.jsonl instead.
     gamma_unit: str = "absolute"
 
 

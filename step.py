@@ -49,7 +49,11 @@ class StepConfig:
     # SDXL's size/crop micro-conditioning: "data", each image's own (orig_h, orig_w, crop_top,
     # crop_left, R, R), as SDXL was trained, so the UNet is told the truth about the image it
     # denoises; or "sampling", (R, R, 0, 0, R, R), what sample.py passes, so f is trained under the
-    # conditioning it will be used with. The paper does not say.
+    # conditioning it will be used with. The paper does not say. Measured in the toy world (its base
+    # model trained on originals of every size, its mapper on 44 x 54 files as CelebA's are small and
+    # not square; toyworld/RESULTS.md, "Size conditioning in training", 3 mapper seeds on base seed 0):
+    # "data" Face Sim 0.817 ± 0.024, identity agreement 0.112 ± 0.012; "sampling" 0.794 ± 0.015 and
+    # 0.088 ± 0.007. "data" is no worse, a little better on agreement, so it stays the default.
     time_ids: str = "data"
 
 
