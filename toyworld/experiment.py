@@ -67,7 +67,7 @@ class Row:
 FULL = Row("CoCoIns (full)")
 # γ, the final weight of the reciprocal negative term, from 1e-4 to 1e-1 (the full row is 1e-2), on two base
 # models of different UNet width: does the best γ stay put? It did (1e-2 on both, by identity agreement; Face Sim
-# flat within the seeds' spread over the four decades; RESULTS.md), so γ's relative unit (train.py --gamma-unit
+# within 2 seeds' spreads over the four decades; RESULTS.md), so γ's relative unit (train.py --gamma-unit
 # d_neg) is not swept here. Measured once on base seed 0, that unit's D (the mean d_neg of the first 20 steps,
 # before any negative term) is ~1e-3: the spread of an untrained mapper's words, codes not yet apart, not a scale of
 # the model; γ = 0.1, 1 and 10 D² let codes collapse into one person (Face Div 0.128, 0.173, 0.297 against 0.454).
