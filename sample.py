@@ -108,10 +108,10 @@ def choose_model(args, say=True):
 
     weights, toy, folder = args.weights or find_default_weights(), None, toy_dir()
     if weights is None:
-        toy = toy_manifest()
+        toy = toy_manifest(folder)
         if toy is None:
             raise UserError(MISSING_WEIGHTS)
-        weights = os.path.join(toy_dir(), "base.safetensors")
+        weights = os.path.join(folder, "base.safetensors")
         if say:
             print(toy_note(toy), file=sys.stderr)
     elif os.path.isfile(weights):

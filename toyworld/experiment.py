@@ -70,7 +70,8 @@ FULL = Row("CoCoIns (full)")
 # within 2 seeds' spreads over the four decades; RESULTS.md), so γ's relative unit (train.py --gamma-unit
 # d_neg) is not swept here. Measured once on base seed 0, that unit's D (the mean d_neg of the first 20 steps,
 # before any negative term) is ~1e-3: the spread of an untrained mapper's words, codes not yet apart, not a scale of
-# the model; γ = 0.1, 1 and 10 D² let codes collapse into one person (Face Div 0.128, 0.173, 0.297 against 0.454).
+# the model; γ = 0.1, 1 and 10 D² (the full row's flags plus --gamma-unit d_neg --gamma G) let codes collapse
+# into one person (Face Div 0.128, 0.173, 0.297 against 0.454).
 GAMMAS = {1e-4: Row("γ = 1e-4", ("--gamma", "0.0001")), 1e-3: Row("γ = 1e-3", ("--gamma", "0.001")),
           1e-2: FULL, 1e-1: Row("γ = 1e-1", ("--gamma", "0.1"))}
 # SDXL's size/crop conditioning in training: the image's own ("data", the default) or what sampling passes.
@@ -740,25 +741,23 @@ class Run:
         self.facts["bases"][k]["inverted"] = exp.inverted_row(
             model, judge, "layernorm", os.path.join(self.figures, "contact_inverted.png") if k == 0 else None)
 
-    def gamma(self, units=("absolute",)):
-        """γ over four decades on the first base model and on the wide one: where is Face Sim best, and at what
-        distances d_neg."""
+    def gamma(self):
+        """γ over four decades (absolute) on the first base model and on the wide one: where is Face Sim best, and
+        at what distances d_neg."""
         self.wide.make_base()
         exps = {"64 channels (base seed 0)": self.bases[0], f"{self.scale.wide_channels} channels": self.wide}
-        grids = {"absolute": GAMMAS}
-        pairs = [(exp, row, 0) for unit in units for exp in exps.values() for row in grids[unit].values()]
+        pairs = [(exp, row, 0) for exp in exps.values() for row in GAMMAS.values()]
         runs = dict(zip([(id(exp), row.name) for exp, row, _ in pairs], self.train_side_by_side(pairs)))
         self.runs += runs.values()
-        self.facts.setdefault("gamma", {})
+        self.facts["gamma"] = {}
         for label, exp in exps.items():
             model = exp.load_model()
             judge, _ = exp.make_judge(model)  # the wide model shares the first base model's VAE, so its judge
-            for unit in units:
-                self.facts["gamma"][f"{label}, γ {unit}"] = [
-                    {"gamma": g, "unit": unit, **distances(runs[id(exp), row.name]),
-                     **exp.mapper_row(model, judge, os.path.join(runs[id(exp), row.name], "mapper.safetensors"),
-                                      census=False)}
-                    for g, row in grids[unit].items()]
+            self.facts["gamma"][f"{label}, γ absolute"] = [
+                {"gamma": g, "unit": "absolute", **distances(runs[id(exp), row.name]),
+                 **exp.mapper_row(model, judge, os.path.join(runs[id(exp), row.name], "mapper.safetensors"),
+                                  census=False)}
+                for g, row in GAMMAS.items()]
             self.report()
 
     def time_ids(self):

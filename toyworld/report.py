@@ -302,11 +302,10 @@ def write_results(path: str, facts: dict) -> None:
         L += _table([("--time-ids data (the full rows)", t["data"]), ("--time-ids sampling", t["sampling"])]) + [""]
     if f.get("gamma"):
         L += ["## γ on two base models", "",
-              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-), one mapper seed each, in its "
-              "two "
-              "units: absolute (λ_neg = γ·(k/K)^β) and relative (`--gamma-unit d_neg`: γ in units of D², D the mean "
-              "d_neg of the run's first 20 steps). Each row gives its γ in both: γ_abs, the weight applied, and "
-              "γ_abs / D². d_neg and d_pos as logged over the run's first and last 50 steps.", ""]
+              "γ, the final weight of the reciprocal negative term λ_neg/d_m(x̂*, x̂-) (λ_neg = γ·(k/K)^β), one mapper "
+              "seed each. Each row also gives γ_abs / D², D the mean d_neg of the run's first 20 steps (the unit of "
+              "`--gamma-unit d_neg`, not swept here). d_neg and d_pos as logged over the run's first and last 50 "
+              "steps.", ""]
         for label, rows in f["gamma"].items():
             L += [f"### {label}", ""]
             L += _table([(f"γ = {r['gamma']:g}", r) for r in rows],
