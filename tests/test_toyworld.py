@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -237,6 +238,26 @@ def test_the_whole_experiment_runs_at_smoke_size(tmp_path):
     command = json.loads((runs[2] / "done.json").read_text())["command"]
     assert command[command.index("--data") + 1].endswith("data-mapper")
     assert command[command.index("--weights") + 1].endswith("base-seed1.safetensors")
+    # With --jobs 2 the base models, judges and learned words were made in child processes on one thread each:
+    # remade here one after another in a single process on one thread, the files are the same bytes (two
+    # trainings sharing one process's generator would not be).
+    remade = tmp_path / "remade"
+    remade.mkdir()
+    for name in ("world.json", "data", "data-mapper"):
+        (shutil.copytree if (tmp_path / "work" / name).is_dir() else shutil.copy)(tmp_path / "work" / name, remade / name)
+    script = ("import sys, torch; torch.set_num_threads(1)\n"
+              "from toyworld import experiment as E\n"
+              "exps = [E.Experiment(E.SCALES['smoke'], sys.argv[1], sys.argv[2], base_config=E.replace("
+              "E.SCALES['smoke'].base_config, seed=b)) for b in (0, 1)]\n"
+              "for exp in exps: E.prepare_base(exp)\n"
+              "for exp in exps: E.learn_words(exp)\n")
+    alone = subprocess.run([sys.executable, "-c", script, str(remade), str(tmp_path / "remade-figures")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    for seed in (0, 1):
+        for name in (f"vae-seed{seed}.safetensors", f"base-seed{seed}.safetensors", f"judge-seed{seed}.pt",
+                     f"inversion-layernorm-seed{seed}.pt"):
+            assert experiment.file_digest(str(remade / name)) == experiment.file_digest(str(tmp_path / "work" / name)), name
     # A rerun reuses the world, the base models, the judges and the trained mappers, and the rows drawn without a
     # mapper where no figure asks for them to be redrawn (base seed 1 draws no figure).
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "rows").glob("seed1-*.json")}

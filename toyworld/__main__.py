@@ -1,3 +1,4 @@
 from toyworld.experiment import main
 
-main()
+if __name__ == "__main__":  # not in the processes `--jobs` starts, which import this module again
+    main()

@@ -2,9 +2,10 @@
 
 One command runs it all and writes `toyworld/RESULTS.md` with its figures:
 
-    python -m toyworld --threads 1 --jobs 2        # everything (about 3 h on 2 cores)
-    python -m toyworld --rows core                 # two base models, each with CoCoIns over 3 mapper seeds
-    python -m toyworld --scale smoke               # every step at toy-of-toy size in about a minute (CI)
+    python -m toyworld --threads 1 --jobs 2              # everything (about 4.5 h on 2 cores)
+    python -m toyworld --threads 1 --jobs 2 --rows core  # two base models, CoCoIns over 3 mapper seeds and one
+                                                         # learned word per person on each (about 2.3 h)
+    python -m toyworld --scale smoke                     # every step at toy-of-toy size in a few minutes (CI)
 
 Steps, each cached in `--work` under its settings (a rerun skips what exists, a changed setting redoes what
 depends on it):
@@ -28,6 +29,7 @@ import argparse
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -35,8 +37,9 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import PIL
@@ -481,30 +484,36 @@ class Experiment:
                                      more, census_words)
         return {**metrics, **measures.mapper_word_stats(mapper, sorted({j["code"] for j in jobs}))}
 
-    def inverted_row(self, model: SDXL, judge: judge_lib.Judge, family: str = "layernorm",
-                     figure: str | None = None) -> dict:
-        """The evaluation with each code's pseudo-word replaced by a word learned for its person
-        (toyworld/inversion.py): what one word of `family` can hold, an upper bound for a mapper."""
+    def learned_words(self, model: SDXL, family: str = "layernorm") -> tuple[list, list, dict]:
+        """A word of `family` learned by textual inversion (toyworld/inversion.py) for each evaluated person:
+        (the people's (concept, code) keys, their (w_l, w_g) words, the step's facts), kept in the work folder."""
         s = self.scale
-        jobs = eval_jobs(s)
-        keys = sorted({(j["concept"], j["code"]) for j in jobs})
-        stats = token_stats(model)
+        keys = sorted({(j["concept"], j["code"]) for j in eval_jobs(s)})
         name = f"inversion-{family}-{self.tag}"
         path = os.path.join(self.work, f"{name}.pt")
         config = {"base_sha256": file_digest(self.weights), "keys": [list(k) for k in keys], "family": family,
                   "steps": s.inversion_steps, "images": s.inversion_images, "lr": s.inversion_lr}
         done = self._cached(name, config)
         if done and os.path.isfile(path):
-            learned = torch.load(path, weights_only=True)
-        else:
-            t0 = time.time()
-            learned = [inversion.invert(model, code_person(code, concept), concept, stats, family,
-                                        steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr,
-                                        seed=code)
-                       for concept, code in keys]
-            torch.save(learned, path)
-            done = self._done(name, config, {"seconds": round(time.time() - t0)})
-            self.log(f"textual inversion ({family}, base {self.tag}): {len(keys)} people in {done['seconds']} s")
+            return keys, torch.load(path, weights_only=True), done
+        t0 = time.time()
+        stats = token_stats(model)
+        learned = [inversion.invert(model, code_person(code, concept), concept, stats, family,
+                                    steps=s.inversion_steps, images=s.inversion_images, lr=s.inversion_lr, seed=code)
+                   for concept, code in keys]
+        torch.save(learned, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        done = self._done(name, config, {"seconds": round(time.time() - t0), "threads": torch.get_num_threads()})
+        self.log(f"textual inversion ({family}, base {self.tag}): {len(keys)} people in {done['seconds']} s")
+        return keys, learned, done
+
+    def inverted_row(self, model: SDXL, judge: judge_lib.Judge, family: str = "layernorm",
+                     figure: str | None = None) -> dict:
+        """The evaluation with each code's pseudo-word replaced by a word learned for its person
+        (`learned_words`): what one word of `family` can hold, an upper bound for a mapper."""
+        jobs = eval_jobs(self.scale)
+        keys, learned, done = self.learned_words(model, family)
+        stats = token_stats(model)
         index = [keys.index((j["concept"], j["code"])) for j in jobs]
         words = (torch.stack([learned[i][0] for i in index]), torch.stack([learned[i][1] for i in index]))
         metrics = self.eval_jobs_row(model, judge, jobs, words, figure, f"one learned word per person ({family})")
@@ -606,6 +615,34 @@ def distances(run: str, first: int = 50) -> dict:
             "D2": d2, "gamma_abs": args["gamma"] * scale, "gamma_rel": args["gamma"] * scale / d2}
 
 
+def prepare_base(exp: Experiment) -> dict:
+    """Every step of one base model that needs no other: its VAE, its UNet and text towers, its judge."""
+    facts = exp.make_base()
+    exp.make_judge(exp.load_model())
+    return facts
+
+
+def learn_words(exp: Experiment) -> dict:
+    """One base model's textual-inversion words (`Experiment.learned_words`), kept in the work folder."""
+    return exp.learned_words(exp.load_model())[2]
+
+
+def _one_thread(step, exp: Experiment) -> dict:
+    torch.set_num_threads(1)
+    return step(exp)
+
+
+def side_by_side(step, exps: list[Experiment], jobs: int) -> list:
+    """`step(exp)` for each base model, `jobs` at a time, each in its own process on one thread (as a mapper run
+    gets): base.py and judge.py seed torch's global generator, which two trainings in one process would share.
+    With one job they run here, one after another, on this process's threads."""
+    if jobs <= 1 or len(exps) <= 1:
+        return [step(exp) for exp in exps]
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state carried over
+    with ProcessPoolExecutor(min(jobs, len(exps)), mp_context=spawn) as pool:
+        return list(pool.map(partial(_one_thread, step), exps))
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -614,8 +651,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="full", choices=sorted(SCALES),
                    help="full: the experiment; smoke: the plumbing in a minute")
     p.add_argument("--rows", default="all", choices=["all", "core"],
-                   help="core: the base models and full CoCoIns over seeds; all: plus γ on two widths, the size "
-                        "conditioning and the word-spread term")
+                   help="core: the base models, full CoCoIns over seeds and one learned word per person; all: plus "
+                        "γ on two widths, the size conditioning and the word-spread term")
     p.add_argument("--work", default=os.path.join(ROOT, "toyworld", "cache"),
                    help="where the world, the models and the runs are kept (rerun skips what exists)")
     p.add_argument("--results", default=os.path.join(ROOT, "toyworld", "RESULTS.md"), help="the report to write")
@@ -625,8 +662,9 @@ def parse_args(argv=None):
     p.add_argument("--mapper-seeds", type=int, default=0,
                    help="mapper seeds of the full row on each base model (0: the scale's, 3)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads of this process (0: PyTorch's choice); mapper runs use one each")
-    p.add_argument("--jobs", type=int, default=1, help="mapper runs trained side by side (2 on a 2-core machine)")
+                   help="torch CPU threads of this process (0: PyTorch's choice); what runs side by side uses one each")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="mapper runs, base models and textual inversions run side by side (2 on a 2-core machine)")
     return p.parse_args(argv)
 
 
@@ -678,12 +716,10 @@ class Run:
     # -- the named steps -----------------------------------------------------------------------
 
     def base_models(self):
-        """The world, then each base model with its judge; the core mapper runs start as soon as their base is done."""
+        """The world, then each base model with its judge, `--jobs` base models side by side."""
         self.facts["world"] = self.bases[0].make_world()
-        self.facts["bases"] = []
-        for exp in self.bases:
-            base_facts = exp.make_base()
-            self.facts["bases"].append({"tag": exp.tag, "base_facts": base_facts})
+        made = side_by_side(prepare_base, self.bases, self.args.jobs)
+        self.facts["bases"] = [{"tag": exp.tag, "base_facts": facts} for exp, facts in zip(self.bases, made)]
 
     def core_runs(self):
         pairs = [(exp, FULL, seed) for exp in self.bases for seed in range(self.scale.mapper_seeds)]
@@ -735,11 +771,15 @@ class Run:
                              "Face Sim / Face Div / agreement over training", "value")
         return f
 
-    def inversion(self, k: int, exp: Experiment):
-        model = exp.load_model()
-        judge, _ = exp.make_judge(model)
-        self.facts["bases"][k]["inverted"] = exp.inverted_row(
-            model, judge, "layernorm", os.path.join(self.figures, "contact_inverted.png") if k == 0 else None)
+    def inversion(self):
+        """One word learned per person on each base model (`--jobs` side by side), then each scored."""
+        side_by_side(learn_words, self.bases, self.args.jobs)
+        for k, exp in enumerate(self.bases):
+            model = exp.load_model()
+            judge, _ = exp.make_judge(model)
+            self.facts["bases"][k]["inverted"] = exp.inverted_row(
+                model, judge, "layernorm", os.path.join(self.figures, "contact_inverted.png") if k == 0 else None)
+            self.report()
 
     def gamma(self):
         """γ over four decades (absolute) on the first base model and on the wide one: where is Face Sim best, and
@@ -799,9 +839,7 @@ def main(argv=None) -> None:
         run.report()
         spread_row(run)
         run.report()
-    for k, exp in enumerate(run.bases):
-        run.inversion(k, exp)
-        run.report()
+    run.inversion()
     for criterion, verdict, value in report.verdicts(run.facts):
         run.log(f"{verdict}: {criterion}: {value}")
     run.log(f"wrote {args.results}")
