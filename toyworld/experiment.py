@@ -649,7 +649,7 @@ def side_by_side(step, exps: list[Experiment], jobs: int) -> list:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.split("\n")[0])
     p.add_argument("--scale", default="full", choices=sorted(SCALES),
-                   help="full: the experiment; smoke: the plumbing in a minute")
+                   help="full: the experiment; smoke: the plumbing in a few minutes")
     p.add_argument("--rows", default="all", choices=["all", "core"],
                    help="core: the base models, full CoCoIns over seeds and one learned word per person; all: plus "
                         "γ on two widths, the size conditioning and the word-spread term")
